@@ -1,0 +1,1 @@
+throw "hidden files are ignored"

@@ -1,0 +1,5 @@
+{ depot, ... }:
+depot.nix.build.mkTarget {
+  name = "cli";
+  deps = [ depot.tools.multi.client ];
+}

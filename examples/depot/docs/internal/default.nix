@@ -1,0 +1,1 @@
+throw "docs has .skip-subtree: readTree must not read docs/internal"

@@ -1,0 +1,5 @@
+{ depot, ... }:
+depot.nix.build.mkTarget {
+  name = "strings";
+  deps = [ depot.lib.greeting ];
+}

@@ -1,0 +1,1 @@
+throw "third_party has .skip-tree: readTree must not read it"

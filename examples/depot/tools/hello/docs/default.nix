@@ -1,0 +1,5 @@
+{ depot, ... }:
+depot.nix.build.mkTarget {
+  name = "hello-docs";
+  deps = [ depot.tools.hello ];
+}

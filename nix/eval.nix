@@ -1,0 +1,189 @@
+# The expression drvkite evaluates with
+#   nix-instantiate --eval --strict --json --read-write-mode
+#
+# It imports a depot, finds its CI targets and returns one JSON record per
+# target. Forcing `drvPath` writes each .drv to the store; nothing is built,
+# because every store path leaves this file with its string context removed.
+{
+  # Absolute path of the depot's root folder (holding its default.nix).
+  depotPathStr,
+  # Evaluate only slice `shardIndex` of `shardCount` equal slices of the
+  # target list. drvkite's workers and its error narrowing use this.
+  shardIndex ? 0,
+  shardCount ? 1,
+  # When non-null: a JSON list; evaluate only the targets with these labels.
+  onlyLabelsJSON ? null,
+  # "full": everything later stages need; "labels": labels and attribute
+  # paths only, which is cheap and forces no derivation.
+  mode ? "full",
+  # Catch what builtins.tryEval can catch per target, so one broken target
+  # does not take the others down.
+  catchErrors ? true,
+  # JSON list of names: the attribute path of the depot's pipeline settings.
+  settingsAttrJSON ? ''["ci","drvkite"]'',
+}:
+
+let
+  inherit (builtins)
+    attrNames
+    concatMap
+    filter
+    foldl'
+    genList
+    getAttr
+    hasAttr
+    isAttrs
+    isFunction
+    isList
+    length
+    listToAttrs
+    mapAttrs
+    seq
+    tryEval
+    typeOf
+    unsafeDiscardStringContext
+    ;
+
+  readTree = import ./readTree { };
+
+  depotPath = /. + depotPathStr;
+  onlyLabels = if onlyLabelsJSON == null then null else builtins.fromJSON onlyLabelsJSON;
+  settingsAttr = builtins.fromJSON settingsAttrJSON;
+
+  imported = import depotPath;
+  depot = if isFunction imported then imported { } else imported;
+
+  isDerivation = v: isAttrs v && (v.type or null) == "derivation";
+
+  eligible = t: isDerivation t && !(t.meta.ci.skip or false) && !(t.meta.broken or false);
+
+  hasCiTargets = isAttrs depot && depot ? ci && isAttrs depot.ci && depot.ci ? targets;
+
+  allTargets = if hasCiTargets then depot.ci.targets else readTree.gather eligible depot;
+
+  total = length allTargets;
+
+  # Slice boundaries: shard i of n covers [total*i/n, total*(i+1)/n), so
+  # splitting shard (i, n) into (2i, 2n) and (2i+1, 2n) halves it exactly.
+  from = total * shardIndex / shardCount;
+  to = total * (shardIndex + 1) / shardCount;
+  sliced = genList (i: builtins.elemAt allTargets (from + i)) (to - from);
+
+  labelOf = t: readTree.mkLabel t;
+  attrPathOf = t: t.__readTree ++ (if t ? __subtarget then [ t.__subtarget ] else [ ]);
+
+  selected =
+    if onlyLabels == null then
+      sliced
+    else
+      let
+        wanted = listToAttrs (
+          map (l: {
+            name = l;
+            value = true;
+          }) onlyLabels
+        );
+      in
+      filter (t: hasAttr (labelOf t) wanted) sliced;
+
+  # JSON-safe copy of user data: derivations become their path, functions
+  # are dropped (JSON has no place for them), context is removed.
+  plain =
+    v:
+    if isDerivation v then
+      unsafeDiscardStringContext v.outPath
+    else if isAttrs v then
+      mapAttrs (_: plain) (filterFunctions v)
+    else if isList v then
+      map plain v
+    else if typeOf v == "string" then
+      unsafeDiscardStringContext v
+    else
+      v;
+  filterFunctions =
+    a:
+    listToAttrs (
+      concatMap (
+        n:
+        if isFunction a.${n} then
+          [ ]
+        else
+          [
+            {
+              name = n;
+              value = a.${n};
+            }
+          ]
+      ) (attrNames a)
+    );
+
+  drvPathOf = d: unsafeDiscardStringContext d.drvPath;
+
+  commandRecord =
+    c:
+    if isDerivation c then
+      {
+        drvPath = drvPathOf c;
+        outputs = c.outputs or [ "out" ];
+      }
+    else
+      { notADerivation = typeOf c; };
+
+  extraStepRecord =
+    parent: name: s:
+    if !isAttrs s then
+      {
+        inherit name;
+        notAnAttrset = typeOf s;
+      }
+    else
+      {
+        inherit name;
+        options = attrNames s;
+        command = if s ? command then commandRecord s.command else null;
+        # The parent as parentOverride sees it: drvPath is all that changes.
+        parentOverrideDrvPath = if s ? parentOverride then drvPathOf (s.parentOverride parent) else null;
+        values = mapAttrs (_: plain) (
+          removeAttrs s [
+            "command"
+            "parentOverride"
+          ]
+        );
+      };
+
+  record =
+    t:
+    let
+      meta = t.meta or { };
+      ci = meta.ci or { };
+      base = {
+        label = labelOf t;
+        attrPath = attrPathOf t;
+      };
+      full = base // {
+        drvPath = drvPathOf t;
+        outputs = t.outputs or [ "out" ];
+        timeout = meta.timeout or null;
+        extraDeps = plain (ci.buildkiteExtraDeps or [ ]);
+        extraStepArgs = if ci ? buildkiteExtraStepArgs then plain ci.buildkiteExtraStepArgs else null;
+        extraSteps = mapAttrs (extraStepRecord t) (ci.extraSteps or { });
+      };
+      forced = seq (builtins.toJSON full) full;
+      caught = tryEval forced;
+    in
+    if mode == "labels" then
+      base
+    else if !catchErrors then
+      forced
+    else if caught.success then
+      caught.value
+    else
+      base // { failed = true; };
+
+  settingsPath = foldl' (acc: n: if acc != null && isAttrs acc && hasAttr n acc then getAttr n acc else null) depot settingsAttr;
+in
+{
+  inherit total hasCiTargets;
+  targets = map record selected;
+  settings = if shardIndex == 0 && mode == "full" && settingsPath != null then plain settingsPath else null;
+}

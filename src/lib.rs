@@ -1,0 +1,14 @@
+//! drvkite: turn a Nix monorepo ("depot") into a Buildkite pipeline that
+//! builds only what changed.
+//!
+//! The data path, one module per stage: [`eval`] (nix-instantiate) →
+//! [`drvmap`] (derivation map and diff) → [`graph`] (.drv analysis) →
+//! pipeline rendering. [`explain`] answers why a target changed.
+
+pub mod atomic;
+pub mod cli;
+pub mod drvmap;
+pub mod eval;
+pub mod explain;
+pub mod graph;
+pub mod types;

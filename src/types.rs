@@ -1,0 +1,186 @@
+//! Typed values that cross module boundaries: target labels, attribute
+//! paths, derivation store paths and Buildkite step keys.
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A target's label as readTree spells it: `tools/foo` or `tools/foo:sub`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Label(String);
+
+impl Label {
+    pub fn new(s: impl Into<String>) -> Self {
+        Label(s.into())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The attribute path of a target below the depot root.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AttrPath(Vec<String>);
+
+impl AttrPath {
+    pub fn new(parts: Vec<String>) -> Self {
+        AttrPath(parts)
+    }
+    pub fn parts(&self) -> &[String] {
+        &self.0
+    }
+    /// A new path with `more` appended.
+    pub fn join<I, S>(&self, more: I) -> AttrPath
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let mut parts = self.0.clone();
+        parts.extend(more.into_iter().map(Into::into));
+        AttrPath(parts)
+    }
+}
+
+/// The Nix store directory drvkite works with.
+pub const STORE_DIR: &str = "/nix/store";
+
+/// The absolute path of a `.drv` file in the Nix store, validated on
+/// construction: `/nix/store/<32 nixbase32 chars>-<name>.drv`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DrvPath(String);
+
+const NIXBASE32: &str = "0123456789abcdfghijklmnpqrsvwxyz";
+
+impl DrvPath {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    fn basename(&self) -> &str {
+        &self.0[STORE_DIR.len() + 1..]
+    }
+
+    /// The 32-character store hash.
+    pub fn hash(&self) -> &str {
+        &self.basename()[..32]
+    }
+
+    /// The derivation's name, without hash and `.drv` suffix.
+    pub fn name(&self) -> &str {
+        let base = self.basename();
+        &base[33..base.len() - 4]
+    }
+
+    /// The Buildkite key of the build step for this derivation. Only the
+    /// hash is used: it is short, unique and needs no escaping.
+    pub fn step_key(&self) -> StepKey {
+        StepKey(format!("drv-{}", self.hash()))
+    }
+}
+
+impl FromStr for DrvPath {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        let base = s
+            .strip_prefix(STORE_DIR)
+            .and_then(|r| r.strip_prefix('/'))
+            .with_context(|| format!("{s:?} is not a path in {STORE_DIR}"))?;
+        let valid_name = |n: &str| {
+            !n.is_empty()
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b))
+        };
+        match base.split_at_checked(32) {
+            Some((hash, rest))
+                if hash.chars().all(|c| NIXBASE32.contains(c))
+                    && rest.starts_with('-')
+                    && rest.ends_with(".drv")
+                    && valid_name(&rest[1..rest.len() - 4]) => {}
+            _ => bail!("{s:?} is not a store path of a .drv file"),
+        }
+        Ok(DrvPath(s.to_owned()))
+    }
+}
+
+impl fmt::Display for DrvPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for DrvPath {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for DrvPath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A Buildkite step key (`drv-<hash>`, `extra-step-<sha1>`, `:init:`, …).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StepKey(String);
+
+impl StepKey {
+    pub fn new(s: impl Into<String>) -> Self {
+        StepKey(s.into())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for StepKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drv_path_parts() {
+        let p: DrvPath = "/nix/store/9knhsmy055kqkfcl5k0scg07ckny2maw-lib-a.drv"
+            .parse()
+            .unwrap();
+        assert_eq!(p.hash(), "9knhsmy055kqkfcl5k0scg07ckny2maw");
+        assert_eq!(p.name(), "lib-a");
+        assert_eq!(
+            p.step_key().as_str(),
+            "drv-9knhsmy055kqkfcl5k0scg07ckny2maw"
+        );
+    }
+
+    #[test]
+    fn drv_path_rejects_bad_paths() {
+        for bad in [
+            "",
+            "/nix/store/short-x.drv",
+            "/tmp/9knhsmy055kqkfcl5k0scg07ckny2maw-lib-a.drv",
+            "/nix/store/9knhsmy055kqkfcl5k0scg07ckny2maw-lib-a",
+            "/nix/store/9knhsmy055kqkfcl5k0scg07ckny2maE-lib-a.drv",
+            "/nix/store/9knhsmy055kqkfcl5k0scg07ckny2maw-a b.drv",
+            "/nix/store/9knhsmy055kqkfcl5k0scg07ckny2maw-.drv",
+        ] {
+            assert!(bad.parse::<DrvPath>().is_err(), "{bad:?} accepted");
+        }
+    }
+}

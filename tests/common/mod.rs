@@ -1,0 +1,156 @@
+//! Shared test helpers: a fresh copy of the example depot with its own
+//! store paths, and small wrappers around real Nix and git.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+pub fn drvkite() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_drvkite"))
+}
+
+/// Run and insist on success; returns stdout.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+/// Run and insist on failure; returns the output.
+pub fn fails(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn");
+    assert!(!out.status.success(), "{cmd:?} unexpectedly succeeded");
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A copy of examples/depot laid out as in the repository (so its
+/// nix/readTree forwarder finds drvkite's readTree), salted so that its
+/// store paths are new to this test.
+pub struct Depot {
+    pub tmp: tempfile::TempDir,
+    pub root: PathBuf,
+}
+
+impl Depot {
+    pub fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("examples/depot");
+        copy_dir(&Path::new(REPO).join("examples/depot"), &root);
+        copy_dir(
+            &Path::new(REPO).join("nix/readTree"),
+            &tmp.path().join("nix/readTree"),
+        );
+        let salt = format!(
+            "{}-{}-{:?}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst),
+            std::time::SystemTime::now()
+        );
+        std::fs::write(root.join("nix/salt"), salt).unwrap();
+        Depot { tmp, root }
+    }
+
+    /// The same depot as a git repository with everything committed.
+    pub fn with_git() -> Self {
+        let d = Self::new();
+        d.git(&["init", "-q", "-b", "main"]);
+        d.git(&["add", "-A"]);
+        d.git(&[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-q",
+            "-m",
+            "init",
+        ]);
+        d
+    }
+
+    pub fn git(&self, args: &[&str]) -> String {
+        ok(Command::new("git").current_dir(&self.root).args(args))
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    pub fn write(&self, rel: &str, text: &str) {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
+    pub fn out(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+}
+
+/// `nix-instantiate --eval --strict --json` of an expression.
+pub fn nix_eval_json(expr: &str, cwd: &Path) -> serde_json::Value {
+    let out = ok(Command::new("nix-instantiate").current_dir(cwd).args([
+        "--eval",
+        "--strict",
+        "--json",
+        "--read-write-mode",
+        "-E",
+        expr,
+    ]));
+    serde_json::from_str(&out).unwrap()
+}
+
+/// `nix-instantiate` of one attribute path of a depot: its drvPath.
+pub fn instantiate_attr(depot: &Path, attr_path: &[String]) -> String {
+    let expr = attr_path.iter().fold("import ./. {}".to_owned(), |e, a| {
+        format!(
+            "builtins.getAttr {} ({e})",
+            serde_json::to_string(a).unwrap()
+        )
+    });
+    let out = ok(Command::new("nix-instantiate")
+        .current_dir(depot)
+        .args(["-E", &expr]));
+    out.lines()
+        .last()
+        .unwrap()
+        .trim()
+        .split('!')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// The output paths of a .drv, read from the file itself.
+pub fn output_paths(drv: &str) -> Vec<String> {
+    let out = ok(Command::new("nix-store").args(["--query", "--outputs", drv]));
+    out.lines().map(str::to_owned).collect()
+}
+
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
