@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 
 use crate::drvmap::{self, DrvMap};
 use crate::eval::{Evaluator, Nix};
+use crate::pipeline::ParentMap;
+use crate::pipeline::settings::{Overrides, Settings};
 use crate::types::Label;
 
 #[derive(Debug, Parser)]
@@ -33,6 +35,9 @@ pub enum Command {
         #[arg(long, default_value = "drvmap.json")]
         out: Utf8PathBuf,
     },
+    /// Evaluate the depot and write the Buildkite pipeline: chunk files, a
+    /// manifest, a summary and the derivation map.
+    Pipeline(PipelineArgs),
     /// Compare two derivation maps: added, removed and changed labels.
     Diff {
         old: Utf8PathBuf,
@@ -54,6 +59,125 @@ pub enum Command {
         #[arg(long, default_value_t = 8)]
         depth: usize,
     },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PipelineArgs {
+    /// Root folder of the depot (holding its default.nix).
+    #[arg(long, env = "DRVKITE_DEPOT", default_value = ".")]
+    pub depot: Utf8PathBuf,
+    /// Folder to write the pipeline into (replaced as a whole).
+    #[arg(long, env = "DRVKITE_OUT", default_value = "pipeline")]
+    pub out: Utf8PathBuf,
+    /// The parent build's drvmap.json; targets whose drvPath is unchanged are
+    /// skipped. Missing or invalid: every target is built.
+    #[arg(long, env = "DRVKITE_PARENT_MAP")]
+    pub parent_map: Option<Utf8PathBuf>,
+    /// Attribute path of the depot's pipeline settings (dot-separated).
+    #[arg(long, env = "DRVKITE_SETTINGS_ATTR", default_value = "ci.drvkite")]
+    pub settings_attr: String,
+    /// Known phases, in order (default: build,release).
+    #[arg(long, env = "DRVKITE_PHASES", value_delimiter = ',')]
+    pub phases: Option<Vec<String>>,
+    /// Phases to generate steps for (default: all phases).
+    #[arg(long, env = "DRVKITE_ACTIVE_PHASES", value_delimiter = ',')]
+    pub active_phases: Option<Vec<String>>,
+    /// Set cancel_on_build_failing on build steps (needs Buildkite's "Fail Fast").
+    #[arg(long, env = "DRVKITE_CANCEL_ON_BUILD_FAILING")]
+    pub cancel_on_build_failing: Option<bool>,
+    /// JSON object merged into every build and extra step.
+    #[arg(long, env = "DRVKITE_DEFAULT_STEP_OVERRIDES")]
+    pub default_step_overrides: Option<String>,
+    /// JSON list of steps appended to the build phase, verbatim.
+    #[arg(long, env = "DRVKITE_ADDITIONAL_STEPS")]
+    pub additional_steps: Option<String>,
+    /// JSON list of steps appended to the release phase, verbatim.
+    #[arg(long, env = "DRVKITE_POST_BUILD_STEPS")]
+    pub post_build_steps: Option<String>,
+    /// Most jobs per chunk file (1-500; default 192).
+    #[arg(long, env = "DRVKITE_CHUNK_SIZE")]
+    pub chunk_size: Option<usize>,
+    /// Key of the static step every build step depends on (default :init:).
+    #[arg(long, env = "DRVKITE_BOOTSTRAP_KEY")]
+    pub bootstrap_key: Option<String>,
+    /// Fail when any target fails to evaluate, instead of turning it into a
+    /// failing step.
+    #[arg(long, env = "DRVKITE_FAIL_ON_EVAL_ERROR")]
+    pub fail_on_eval_error: bool,
+}
+
+fn parse_json_flag<T: serde::de::DeserializeOwned>(
+    flag: &str,
+    value: &Option<String>,
+) -> Result<Option<T>> {
+    value
+        .as_deref()
+        .map(|v| {
+            serde_json::from_str(v)
+                .with_context(|| format!("--{flag} is not valid JSON of the expected shape: {v}"))
+        })
+        .transpose()
+}
+
+impl PipelineArgs {
+    fn overrides(&self) -> Result<Overrides> {
+        Ok(Overrides {
+            phases: self.phases.clone(),
+            active_phases: self.active_phases.clone(),
+            cancel_on_build_failing: self.cancel_on_build_failing,
+            default_step_overrides: parse_json_flag(
+                "default-step-overrides",
+                &self.default_step_overrides,
+            )?,
+            additional_steps: parse_json_flag("additional-steps", &self.additional_steps)?,
+            post_build_steps: parse_json_flag("post-build-steps", &self.post_build_steps)?,
+            chunk_size: self.chunk_size,
+            bootstrap_key: self.bootstrap_key.clone(),
+        })
+    }
+}
+
+async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
+    let flags = args.overrides()?;
+    let settings_attr: Vec<String> = args.settings_attr.split('.').map(str::to_owned).collect();
+    let evaluator = Evaluator::new(Nix::locate()?, &args.depot, settings_attr)?;
+    let eval = evaluator.evaluate(args.fail_on_eval_error).await?;
+    let mut settings = Settings::default();
+    if let Some(depot_settings) = &eval.settings {
+        settings = settings.apply(Overrides::from_depot(depot_settings, &args.settings_attr)?);
+    }
+    let settings = settings.apply(flags);
+    settings.validate()?;
+    let (parent, warning) = ParentMap::load(args.parent_map.as_deref());
+    let detail = match (&warning, &args.parent_map) {
+        (Some(w), _) => {
+            eprintln!("drvkite: warning: {w}");
+            w.clone()
+        }
+        (None, Some(p)) => format!("{p}"),
+        (None, None) => "no parent map given: building every target".to_owned(),
+    };
+    let generated = crate::pipeline::generate(&eval, &parent, &detail, &settings)?;
+    let files = crate::pipeline::write(&generated, &eval.drvmap(), &args.out, settings.chunk_size)?;
+    let s = &generated.summary;
+    eprintln!(
+        "wrote {}: {} chunk files; {} targets, {} changed, {} unchanged, {} extra steps, {} broken; evaluation {:.1}s",
+        args.out,
+        files.len(),
+        s.targets,
+        s.changed.len(),
+        s.unchanged,
+        s.extra_steps,
+        s.broken.len(),
+        s.evaluation_seconds
+    );
+    for b in &eval.broken {
+        eprintln!(
+            "drvkite: warning: {} failed to evaluate: {}",
+            b.label, b.error
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -78,6 +202,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Pipeline(args) => pipeline(args).await,
         Command::Diff { old, new, json } => {
             let d = drvmap::diff(&DrvMap::load(&old)?, &DrvMap::load(&new)?);
             if json {

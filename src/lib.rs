@@ -11,4 +11,5 @@ pub mod drvmap;
 pub mod eval;
 pub mod explain;
 pub mod graph;
+pub mod pipeline;
 pub mod types;

@@ -1,0 +1,90 @@
+//! Shell commands for generated steps. Everything drvkite puts into a
+//! command is quoted for bash and escaped for `buildkite-agent pipeline
+//! upload`, which would otherwise interpolate `$VAR` at upload time.
+
+use crate::types::{AttrPath, DrvPath};
+
+/// Quote a string as one bash word.
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Escape text for Buildkite's upload-time interpolation: `$$` is a
+/// literal `$`.
+pub fn escape_interpolation(s: &str) -> String {
+    s.replace('$', "$$")
+}
+
+/// The expression the fallback builds: the attribute path arrives as JSON
+/// through --argstr, so no attribute name is ever spliced into Nix or shell
+/// syntax.
+const FALLBACK_EXPR: &str = "{ attrPath, output }: builtins.getAttr output (builtins.foldl' (v: n: builtins.getAttr n v) (import ./. { }) (builtins.fromJSON attrPath))";
+
+/// The command that builds a derivation and prints exactly one store path
+/// (its first output), leaving an indirect GC root at `out_link`.
+///
+/// It realises the `.drv` written during evaluation, so the depot is not
+/// evaluated again; only when that file is gone (garbage-collected, or this
+/// agent did not run the evaluation) does it fall back to `nix-build` of
+/// the attribute path from the checkout.
+///
+/// The result is plain shell; pass it through [`escape_interpolation`]
+/// before it goes into a pipeline.
+pub fn build_command(
+    drv: &DrvPath,
+    outputs: &[String],
+    attr_path: &AttrPath,
+    out_link: &str,
+) -> String {
+    let first = outputs.first().map_or("out", String::as_str);
+    let drv_q = sh_quote(drv.as_str());
+    let link_q = sh_quote(out_link);
+    let attr_json = serde_json::to_string(attr_path.parts()).expect("strings serialise");
+    let realise = if outputs.len() <= 1 {
+        // One output: print it through the root, as TVL does.
+        format!("nix-store --realise {drv_q} --add-root {link_q} --indirect | xargs -r realpath")
+    } else {
+        // Several outputs: build them all (rooted), print only the first.
+        format!(
+            "nix-store --realise {drv_q} --add-root {link_q} --indirect >/dev/null && nix-store --realise {}",
+            sh_quote(&format!("{}!{first}", drv.as_str()))
+        )
+    };
+    format!(
+        "set -o pipefail; ({realise}) || (test ! -f {drv_q} && nix-build -E {} --argstr attrPath {} --argstr output {} --show-trace --out-link {link_q})",
+        sh_quote(FALLBACK_EXPR),
+        sh_quote(&attr_json),
+        sh_quote(first),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_single_quotes() {
+        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+        assert_eq!(escape_interpolation("a$b$$"), "a$$b$$$$");
+    }
+
+    #[test]
+    fn single_output_command_matches_tvl_shape() {
+        let drv: DrvPath = "/nix/store/9knhsmy055kqkfcl5k0scg07ckny2maw-a.drv"
+            .parse()
+            .unwrap();
+        let cmd = build_command(
+            &drv,
+            &["out".into()],
+            &AttrPath::new(vec!["a".into()]),
+            "result",
+        );
+        assert!(cmd.starts_with(
+            "set -o pipefail; (nix-store --realise '/nix/store/9knhsmy055kqkfcl5k0scg07ckny2maw-a.drv' --add-root 'result' --indirect | xargs -r realpath) || (test ! -f '/nix/store/9knhsmy055kqkfcl5k0scg07ckny2maw-a.drv' && nix-build -E "
+        ), "{cmd}");
+        assert!(
+            cmd.contains("--argstr attrPath '[\"a\"]' --argstr output 'out'"),
+            "{cmd}"
+        );
+    }
+}

@@ -1,0 +1,491 @@
+//! Rendering: turn evaluated targets into Buildkite steps, grouped by phase
+//! and cut into chunks that `buildkite-agent pipeline upload` accepts.
+
+pub mod command;
+pub mod extra;
+pub mod settings;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use anyhow::{Context, Result};
+use camino::Utf8Path;
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+
+use crate::drvmap::DrvMap;
+use crate::eval::{BrokenTarget, Evaluation, Target};
+use crate::graph::DrvGraph;
+use crate::types::{DrvPath, Label, StepKey};
+pub use settings::Settings;
+
+/// The reason Buildkite shows on skipped build steps (TVL's text).
+pub const UNCHANGED: &str = "Target has not changed.";
+
+/// The parent build's derivation map, or why there is none.
+#[derive(Debug, Default)]
+pub struct ParentMap {
+    pub map: Option<DrvMap>,
+    pub status: ParentStatus,
+    /// Provenance written by `drvkite parent-map fetch` next to the map.
+    pub source: Option<Value>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParentStatus {
+    Used,
+    #[default]
+    None,
+    Invalid,
+}
+
+impl ParentMap {
+    /// Load a parent map. Anything wrong with it is a warning, never an
+    /// error: without a trustworthy map everything is built, and nothing is
+    /// skipped wrongly.
+    pub fn load(path: Option<&Utf8Path>) -> (Self, Option<String>) {
+        let Some(path) = path else {
+            return (ParentMap::default(), None);
+        };
+        if !path.exists() {
+            let msg = format!("parent map {path} does not exist: building every target");
+            return (ParentMap::default(), Some(msg));
+        }
+        let source_path = format!("{path}.source.json");
+        let source = std::fs::read(&source_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+        match DrvMap::load(path) {
+            Ok(map) => (
+                ParentMap {
+                    map: Some(map),
+                    status: ParentStatus::Used,
+                    source,
+                },
+                None,
+            ),
+            Err(e) => (
+                ParentMap {
+                    map: None,
+                    status: ParentStatus::Invalid,
+                    source,
+                },
+                Some(format!(
+                    "ignoring the parent map: {e:#}; building every target"
+                )),
+            ),
+        }
+    }
+
+    fn unchanged(&self, label: &Label, drv: &DrvPath) -> bool {
+        self.map
+            .as_ref()
+            .and_then(|m| m.get(label))
+            .is_some_and(|e| &e.drv_path == drv)
+    }
+}
+
+/// Build-step facts an extra step needs about its parent.
+#[derive(Debug, Clone)]
+pub struct ParentStep {
+    pub key: StepKey,
+    pub label: Label,
+    pub skip: Value,
+}
+
+/// A generated pipeline: steps per enabled phase, plus the facts the
+/// summary reports.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub phases: Vec<(String, Vec<Value>)>,
+    pub summary: Summary,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub version: u32,
+    pub targets: usize,
+    pub changed: Vec<Label>,
+    pub unchanged: usize,
+    pub added: Vec<Label>,
+    pub removed: Vec<Label>,
+    pub broken: Vec<BrokenSummary>,
+    pub extra_steps: usize,
+    pub steps: BTreeMap<String, usize>,
+    pub evaluation_seconds: f64,
+    pub parent_map: ParentSummary,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BrokenSummary {
+    pub label: Label,
+    pub error: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ParentSummary {
+    pub status: ParentStatus,
+    pub detail: String,
+    pub source: Option<Value>,
+}
+
+/// Steps that build the same derivation are one step: Buildkite keys must
+/// be unique, and building it once is enough.
+struct BuildUnit<'a> {
+    target: &'a Target,
+    labels: Vec<Label>,
+    skip: bool,
+}
+
+fn group_by_drv<'a>(targets: &'a [Target], parent: &ParentMap) -> Vec<BuildUnit<'a>> {
+    let mut index: HashMap<&DrvPath, usize> = HashMap::new();
+    let mut units: Vec<BuildUnit> = Vec::new();
+    for t in targets {
+        let unchanged = parent.unchanged(&t.label, &t.drv_path);
+        match index.get(&t.drv_path) {
+            Some(&i) => {
+                let u = &mut units[i];
+                if !u.labels.contains(&t.label) {
+                    u.labels.push(t.label.clone());
+                }
+                // Built by the parent under any of its labels is built.
+                u.skip |= unchanged;
+            }
+            None => {
+                index.insert(&t.drv_path, units.len());
+                units.push(BuildUnit {
+                    target: t,
+                    labels: vec![t.label.clone()],
+                    skip: unchanged,
+                });
+            }
+        }
+    }
+    units
+}
+
+fn merge(base: &mut Map<String, Value>, over: &Map<String, Value>) {
+    for (k, v) in over {
+        base.insert(k.clone(), v.clone());
+    }
+}
+
+fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<String, Value> {
+    let t = unit.target;
+    let label_text = unit
+        .labels
+        .iter()
+        .map(Label::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut depends_on = vec![settings.bootstrap_key.clone()];
+    depends_on.extend(deps.iter().map(|d| d.step_key().as_str().to_owned()));
+    for extra in &t.extra_deps {
+        let dep = match extra {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        if !depends_on.contains(&dep) {
+            depends_on.push(dep);
+        }
+    }
+    let command = command::build_command(&t.drv_path, &t.outputs, &t.attr_path, "result");
+    let mut step = Map::new();
+    step.insert(
+        "label".into(),
+        json!(command::escape_interpolation(&format!(
+            ":nix: {label_text}"
+        ))),
+    );
+    step.insert("key".into(), json!(t.drv_path.step_key()));
+    step.insert(
+        "skip".into(),
+        if unit.skip {
+            json!(UNCHANGED)
+        } else {
+            json!(false)
+        },
+    );
+    step.insert(
+        "command".into(),
+        json!(command::escape_interpolation(&command)),
+    );
+    step.insert(
+        "env".into(),
+        json!({ "READTREE_TARGET": command::escape_interpolation(t.label.as_str()) }),
+    );
+    step.insert(
+        "cancel_on_build_failing".into(),
+        json!(settings.cancel_on_build_failing),
+    );
+    step.insert("depends_on".into(), json!(depends_on));
+    merge(&mut step, &settings.default_step_overrides);
+    if let Some(secs) = t.timeout {
+        // Round up and never 0: TVL's integer division turned 90 s into 1
+        // minute and 30 s into an invalid 0.
+        let minutes = (secs / 60.0).ceil().max(1.0) as u64;
+        step.insert("timeout_in_minutes".into(), json!(minutes));
+    }
+    if let Some(args) = &t.extra_step_args {
+        merge(&mut step, args);
+    }
+    step
+}
+
+/// Render the pipeline for an evaluation.
+pub fn generate(
+    eval: &Evaluation,
+    parent: &ParentMap,
+    parent_detail: &str,
+    settings: &Settings,
+) -> Result<Pipeline> {
+    settings.validate()?;
+    let enabled = settings.enabled_phases();
+    let build_enabled = settings.build_enabled();
+    let units = group_by_drv(&eval.targets, parent);
+
+    // Dependencies between changed targets: only those are "known", so an
+    // unchanged (skipped) target is looked through, like any derivation.
+    let changed: HashSet<DrvPath> = units
+        .iter()
+        .filter(|u| !u.skip)
+        .map(|u| u.target.drv_path.clone())
+        .collect();
+    let deps = if build_enabled && !changed.is_empty() {
+        let graph = DrvGraph::load(changed.iter().cloned())
+            .context("cannot analyse the derivation graph")?;
+        graph.closest_known(&changed)
+    } else {
+        HashMap::new()
+    };
+
+    let mut phase_steps: BTreeMap<&str, Vec<Value>> =
+        enabled.iter().map(|p| (*p, Vec::new())).collect();
+    let mut extra_count = 0;
+    let mut seen_units: HashSet<&DrvPath> = HashSet::new();
+    for unit in &units {
+        let t = unit.target;
+        seen_units.insert(&t.drv_path);
+        let parent_step = ParentStep {
+            key: t.drv_path.step_key(),
+            label: t.label.clone(),
+            skip: if unit.skip {
+                json!(UNCHANGED)
+            } else {
+                json!(false)
+            },
+        };
+        if build_enabled {
+            let d = deps.get(&t.drv_path).map(Vec::as_slice).unwrap_or(&[]);
+            phase_steps
+                .get_mut("build")
+                .expect("build is enabled")
+                .push(Value::Object(build_step(unit, d, settings)));
+        }
+        let extras = extra::render(t, &parent_step, settings)?;
+        for (phase, step) in extras {
+            extra_count += 1;
+            if let Some(list) = phase_steps.get_mut(phase.as_str()) {
+                list.push(step);
+            }
+        }
+    }
+    if let Some(list) = phase_steps.get_mut("build") {
+        list.extend(settings.additional_steps.iter().cloned());
+    }
+    if let Some(list) = phase_steps.get_mut("release") {
+        list.extend(settings.post_build_steps.iter().cloned());
+    }
+    let phases: Vec<(String, Vec<Value>)> = enabled
+        .iter()
+        .map(|p| (p.to_string(), phase_steps.remove(p).unwrap_or_default()))
+        .collect();
+
+    let summary = summarise(eval, parent, parent_detail, &units, extra_count, &phases);
+    Ok(Pipeline { phases, summary })
+}
+
+fn summarise(
+    eval: &Evaluation,
+    parent: &ParentMap,
+    parent_detail: &str,
+    units: &[BuildUnit],
+    extra_steps: usize,
+    phases: &[(String, Vec<Value>)],
+) -> Summary {
+    let mut changed = BTreeSet::new();
+    let mut unchanged = 0;
+    for u in units {
+        if u.skip {
+            unchanged += u.labels.len();
+        } else {
+            changed.extend(u.labels.iter().cloned());
+        }
+    }
+    let current: BTreeSet<&Label> = eval.targets.iter().map(|t| &t.label).collect();
+    let (added, removed) = match &parent.map {
+        Some(m) => (
+            current
+                .iter()
+                .filter(|l| m.get(l).is_none())
+                .map(|l| (*l).clone())
+                .collect(),
+            m.iter()
+                .map(|(l, _)| l)
+                .filter(|l| !current.contains(l))
+                .cloned()
+                .collect(),
+        ),
+        None => (Vec::new(), Vec::new()),
+    };
+    Summary {
+        version: 1,
+        targets: eval.targets.len(),
+        changed: changed.into_iter().collect(),
+        unchanged,
+        added,
+        removed,
+        broken: eval
+            .broken
+            .iter()
+            .map(|b: &BrokenTarget| BrokenSummary {
+                label: b.label.clone(),
+                error: b.error.clone(),
+            })
+            .collect(),
+        extra_steps,
+        steps: phases.iter().map(|(p, s)| (p.clone(), s.len())).collect(),
+        evaluation_seconds: eval.duration.as_secs_f64(),
+        parent_map: ParentSummary {
+            status: parent.status.clone(),
+            detail: parent_detail.to_owned(),
+            source: parent.source.clone(),
+        },
+    }
+}
+
+/// How many jobs a step creates: a group counts its inner steps.
+fn job_weight(step: &Value) -> usize {
+    step.get("steps")
+        .and_then(Value::as_array)
+        .map_or(1, |s| s.len().max(1))
+}
+
+/// Cut a phase's steps into chunks of at most `size` jobs each.
+pub fn chunk(steps: &[Value], size: usize) -> Vec<Vec<Value>> {
+    let mut chunks: Vec<Vec<Value>> = Vec::new();
+    let mut current = Vec::new();
+    let mut weight = 0;
+    for step in steps {
+        let w = job_weight(step);
+        if weight + w > size && !current.is_empty() {
+            chunks.push(std::mem::take(&mut current));
+            weight = 0;
+        }
+        weight += w;
+        current.push(step.clone());
+    }
+    if !current.is_empty() {
+        chunks.push(current);
+    }
+    chunks
+}
+
+#[derive(Debug, Serialize)]
+struct Manifest {
+    version: u32,
+    drvmap: &'static str,
+    summary: &'static str,
+    phases: Vec<ManifestPhase>,
+}
+
+#[derive(Debug, Serialize)]
+struct ManifestPhase {
+    name: String,
+    steps: usize,
+    chunks: Vec<String>,
+}
+
+/// Chunk file names sort in chunk order: `build-chunk-001.json`, … (TVL's
+/// unpadded numbers sorted 1, 10, 11, 2).
+fn chunk_name(phase: &str, n: usize, count: usize) -> String {
+    let width = count.to_string().len().max(3);
+    format!("{phase}-chunk-{n:0width$}.json")
+}
+
+/// Write the pipeline folder: chunks, manifest, summary and derivation
+/// map, all at once: a reader sees the previous folder or the new one.
+pub fn write(
+    pipeline: &Pipeline,
+    drvmap: &DrvMap,
+    out: &Utf8Path,
+    chunk_size: usize,
+) -> Result<Vec<String>> {
+    let staged = crate::atomic::StagedDir::new(out)?;
+    let mut files = Vec::new();
+    let mut manifest = Manifest {
+        version: 1,
+        drvmap: "drvmap.json",
+        summary: "summary.json",
+        phases: Vec::new(),
+    };
+    for (phase, steps) in &pipeline.phases {
+        if steps.is_empty() {
+            continue;
+        }
+        let chunks = chunk(steps, chunk_size);
+        let mut names = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            let name = chunk_name(phase, i + 1, chunks.len());
+            staged.write(
+                &name,
+                serde_json::to_string(&json!({ "steps": c }))?.as_bytes(),
+            )?;
+            names.push(name);
+        }
+        files.extend(names.iter().cloned());
+        manifest.phases.push(ManifestPhase {
+            name: phase.clone(),
+            steps: steps.len(),
+            chunks: names,
+        });
+    }
+    staged.write("drvmap.json", drvmap.to_tvl_json().as_bytes())?;
+    staged.write(
+        "summary.json",
+        serde_json::to_string_pretty(&pipeline.summary)?.as_bytes(),
+    )?;
+    staged.write(
+        "manifest.json",
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )?;
+    staged.commit()?;
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_hold_exactly_size_jobs() {
+        let steps: Vec<Value> = (0..2000).map(|i| json!({ "key": i })).collect();
+        let sizes: Vec<usize> = chunk(&steps, 192).iter().map(Vec::len).collect();
+        assert_eq!(sizes[0], 192);
+        assert_eq!(sizes.len(), 11);
+        assert_eq!(sizes[10], 2000 - 10 * 192);
+        let groups = vec![json!({"group": "g", "steps": [{}, {}]}); 3];
+        assert_eq!(
+            chunk(&groups, 4).iter().map(Vec::len).collect::<Vec<_>>(),
+            [2, 1]
+        );
+    }
+
+    #[test]
+    fn chunk_names_sort_numerically() {
+        assert_eq!(chunk_name("build", 2, 11), "build-chunk-002.json");
+        assert!(chunk_name("build", 10, 11) > chunk_name("build", 9, 11));
+        assert_eq!(chunk_name("build", 7, 1200), "build-chunk-0007.json");
+    }
+}
