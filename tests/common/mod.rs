@@ -154,3 +154,74 @@ pub fn output_paths(drv: &str) -> Vec<String> {
 pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
+pub mod schema;
+
+/// What `buildkite-agent pipeline upload` does to a generated string:
+/// `$$` becomes `$` (drvkite escapes every literal `$` that way).
+pub fn uninterpolate(s: &str) -> String {
+    s.replace("$$", "$")
+}
+
+/// Run a generated step command the way an agent would: through bash, in
+/// the checkout, after upload-time interpolation.
+pub fn run_step(dir: &Path, command: &str, env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c").arg(uninterpolate(command)).current_dir(dir);
+    // No binary cache is reachable here: do not wait on it.
+    cmd.env("NIX_CONFIG", "substituters =");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("spawn bash")
+}
+
+/// `drvkite pipeline` on a depot; returns the output folder.
+pub fn pipeline(depot: &Depot, extra_args: &[&str]) -> PathBuf {
+    let out = depot.out("pipeline");
+    ok(drvkite()
+        .arg("pipeline")
+        .arg("--depot")
+        .arg(&depot.root)
+        .arg("--out")
+        .arg(&out)
+        .args(extra_args));
+    out
+}
+
+/// Every step of every chunk, per phase, in manifest order.
+pub fn phases(out: &Path) -> Vec<(String, Vec<serde_json::Value>)> {
+    let manifest = read_json(&out.join("manifest.json"));
+    manifest["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let steps = p["chunks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|c| {
+                    read_json(&out.join(c.as_str().unwrap()))["steps"]
+                        .as_array()
+                        .unwrap()
+                        .clone()
+                })
+                .collect();
+            (p["name"].as_str().unwrap().to_owned(), steps)
+        })
+        .collect()
+}
+
+/// The build step for a label (labels may be merged: "a, b").
+pub fn build_step<'a>(steps: &'a [serde_json::Value], label: &str) -> &'a serde_json::Value {
+    steps
+        .iter()
+        .find(|s| {
+            s["env"]["READTREE_TARGET"]
+                .as_str()
+                .map(uninterpolate)
+                .as_deref()
+                == Some(label)
+        })
+        .unwrap_or_else(|| panic!("no build step for {label}"))
+}
