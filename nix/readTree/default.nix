@@ -67,12 +67,26 @@ let
     else
       value // extra;
 
+  # scopedImport that hands `scopedArgs` on to every file the imported
+  # file imports in turn (through `import`, `builtins.import` or
+  # `scopedImport`), so what a depot puts there cannot be escaped through a
+  # helper file. TVL's readTree does the same.
+  scopedImportDeep =
+    scopedArgs:
+    let
+      deepArgs = scopedArgs // {
+        import = scopedImportDeep scopedArgs;
+        scopedImport = more: scopedImportDeep (scopedArgs // more);
+        builtins = (scopedArgs.builtins or builtins) // {
+          inherit (deepArgs) import scopedImport;
+        };
+      };
+    in
+    builtins.scopedImport deepArgs;
+
   importWith =
     scopedArgs: path:
-    if scopedArgs != { } && builtins ? scopedImport then
-      builtins.scopedImport scopedArgs path
-    else
-      import path;
+    if scopedArgs != { } && builtins ? scopedImport then scopedImportDeep scopedArgs path else import path;
 
   importFile =
     ctx: parts: here: path:
@@ -92,7 +106,11 @@ let
       entries = readDir path;
       names = attrNames entries;
       skipSubtree = hasAttr ".skip-subtree" entries;
-      hasDefault = (entries."default.nix" or null) == "regular";
+      # A symlinked default.nix counts, as in TVL's readTree.
+      hasDefault = elem (entries."default.nix" or null) [
+        "regular"
+        "symlink"
+      ];
       visible = filter (n: !isHidden n) names;
 
       subdirs = if skipSubtree then [ ] else filter (n: entries.${n} == "directory") visible;
@@ -127,7 +145,9 @@ let
         }
       ) nixFiles;
 
-      children = listToAttrs (dirChildren ++ fileChildren);
+      # listToAttrs keeps the first of equal names: `x.nix` wins over a
+      # folder `x`, as in TVL's readTree.
+      children = listToAttrs (fileChildren ++ dirChildren);
 
       # The root's own default.nix is the caller of readTree: importing it
       # again would recurse forever.
@@ -174,14 +194,16 @@ let
   mkLabel =
     t: concatStringsSep "/" t.__readTree + (if t ? __subtarget then ":${t.__subtarget}" else "");
 
+  # Nix strings have no escape for ESC; JSON does.
+  esc = builtins.fromJSON ''"\u001b"'';
+
   subtargetNames =
     node:
     let
-      deprecated = node.meta.targets or [ ];
-      names = deprecated ++ (node.meta.ci.targets or [ ]);
+      names = (node.meta.targets or [ ]) ++ (node.meta.ci.targets or [ ]);
     in
-    if deprecated != [ ] then
-      trace "\\e[1;31mreadTree: ${mkLabel node} uses meta.targets, which is deprecated; use meta.ci.targets\\e[0m" names
+    if node ? meta.targets then
+      trace "${esc}[1;31mreadTree: ${mkLabel node} uses meta.targets, which is deprecated; use meta.ci.targets${esc}[0m" names
     else
       names;
 
