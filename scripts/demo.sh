@@ -10,6 +10,15 @@ bin=target/release/drvkite
 mkdir -p "$out"
 echo "--- drvkite drvmap --depot examples/depot --out $out/drvmap.json"
 "$bin" drvmap --depot examples/depot --out "$out/drvmap.json"
-echo "--- every target is new against an empty parent map"
-echo '{}' > "$out/empty-map.json"
-"$bin" diff "$out/empty-map.json" "$out/drvmap.json"
+echo "--- drvkite pipeline --depot examples/depot --out $out/pipeline"
+"$bin" pipeline --depot examples/depot --out "$out/pipeline"
+ls "$out/pipeline"
+echo "--- a build that changed lib/greeting: only it and its dependents build"
+changed=$(mktemp -d)
+trap 'rm -rf "$changed"' EXIT
+cp -r examples "$changed/examples" && cp -r nix "$changed/nix"
+sed -i 's/text = "hello";/text = "hello, demo";/' "$changed/examples/depot/lib/greeting.nix"
+"$bin" pipeline --depot "$changed/examples/depot" --out "$out/pipeline-changed" --parent-map "$out/drvmap.json"
+"$bin" diff "$out/drvmap.json" "$out/pipeline-changed/drvmap.json"
+echo "--- why did tools/hello change?"
+"$bin" explain tools/hello --parent-map "$out/drvmap.json" --depot "$changed/examples/depot"
