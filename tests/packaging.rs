@@ -74,6 +74,9 @@ fn every_nix_file_parses() {
     let files: Vec<String> = files_under(Path::new(REPO), NOT_SOURCE)
         .into_iter()
         .filter(|f| f.ends_with(".nix"))
+        // These fixtures use variables that only readTree's scopedArgs
+        // provide, so they cannot be parsed on their own.
+        .filter(|f| !f.starts_with("tests/fixtures/readtree/scoped/"))
         .collect();
     for expected in [
         "default.nix",
