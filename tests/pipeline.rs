@@ -436,3 +436,79 @@ fn chunk_files_are_named_in_upload_order() {
     assert_eq!(on_disk, chunks);
     validate_chunks(&out);
 }
+
+/// Fixed-output, structured-attrs and multi-output derivations all parse,
+/// and dependencies are found through them.
+#[test]
+fn every_derivation_shape_parses_and_is_looked_through() {
+    let depot = Depot::with_git();
+    depot.write(
+        "tools/shapes.nix",
+        r#"{ depot, ... }:
+let
+  system = builtins.currentSystem;
+  salt = builtins.readFile ../nix/salt;
+  fod = derivation {
+    name = "fod"; inherit system salt; builder = "/bin/sh";
+    args = [ "-c" "printf fixed > $out" ];
+    outputHashMode = "flat"; outputHashAlgo = "sha256";
+    outputHash = "992a93455c71fedd36ac9bbc439952c041cf61445958472af479269b8d873513";
+  };
+  structured = derivation {
+    name = "structured"; inherit system salt; builder = "/bin/bash";
+    __structuredAttrs = true;
+    args = [ "-c" "source ./.attrs.sh; echo ${fod} > \"\${outputs[out]}\"" ];
+    extra = { nested = [ 1 2 ]; };
+  };
+  multi = derivation {
+    name = "multi"; inherit system salt; builder = "/bin/sh";
+    outputs = [ "bin" "dev" ];
+    args = [ "-c" "echo ${structured} ${depot.lib.greeting} > $bin; echo dev > $dev" ];
+  };
+in
+depot.nix.readTree.drvTargets {
+  inherit multi;
+  top = depot.nix.build.mkTarget { name = "top"; deps = [ multi.dev ]; };
+}
+"#,
+    );
+    depot.git(&["add", "-A"]);
+    depot.git(&[
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@t",
+        "commit",
+        "-q",
+        "-m",
+        "shapes",
+    ]);
+    let out = pipeline(&depot, &[]);
+    validate_chunks(&out);
+    let build = phases(&out).remove(0).1;
+    assert_eq!(
+        build_step(&build, "tools/shapes:top")["depends_on"],
+        json!([":init:", key_of(&build, "tools/shapes:multi")])
+    );
+    // Through the structured-attrs and fixed-output derivations to greeting.
+    assert_eq!(
+        build_step(&build, "tools/shapes:multi")["depends_on"],
+        json!([":init:", key_of(&build, "lib/greeting")])
+    );
+    let res = run_step(
+        &depot.root,
+        build_step(&build, "tools/shapes:multi")["command"]
+            .as_str()
+            .unwrap(),
+        &[],
+    );
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let stdout = String::from_utf8(res.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.trim_end().ends_with("-multi-bin"), "{stdout}");
+    assert_eq!(depot.git(&["status", "--porcelain"]), "");
+}
