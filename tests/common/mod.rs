@@ -2,6 +2,8 @@
 //! store paths, and small wrappers around real Nix and git.
 #![allow(dead_code)]
 
+pub mod schema;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
