@@ -59,6 +59,16 @@ pub enum Command {
         #[arg(long, default_value_t = 8)]
         depth: usize,
     },
+    /// Upload a phase's pipeline chunks with buildkite-agent, in the order
+    /// Buildkite shows them, and the pipeline folder as artifacts.
+    Upload(crate::buildkite::upload::UploadArgs),
+    /// The parent derivation map, from an earlier Buildkite build.
+    ParentMap {
+        #[command(subcommand)]
+        command: crate::buildkite::parent_map::ParentMapCommand,
+    },
+    /// Put a summary of the generated pipeline on the Buildkite build page.
+    Annotate(crate::buildkite::annotate::AnnotateArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -233,6 +243,18 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             println!("{label} changed: {} -> {}", old.drv_path, new.drv_path);
             let diffs = crate::explain::explain(&old.drv_path, &new.drv_path, depth)?;
             print!("{}", crate::explain::render(&diffs));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Upload(args) => {
+            crate::buildkite::upload::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ParentMap { command } => {
+            crate::buildkite::parent_map::run(&command)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Annotate(args) => {
+            crate::buildkite::annotate::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -6,6 +6,7 @@
 //! pipeline rendering. [`explain`] answers why a target changed.
 
 pub mod atomic;
+pub mod buildkite;
 pub mod cli;
 pub mod drvmap;
 pub mod eval;

@@ -2,6 +2,8 @@
 //! store paths, and small wrappers around real Nix and git.
 #![allow(dead_code)]
 
+pub mod schema;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -154,7 +156,6 @@ pub fn output_paths(drv: &str) -> Vec<String> {
 pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
-pub mod schema;
 
 /// What `buildkite-agent pipeline upload` does to a generated string:
 /// `$$` becomes `$` (drvkite escapes every literal `$` that way).

@@ -1,0 +1,337 @@
+//! `drvkite annotate`: a summary of the generated pipeline on the Buildkite
+//! build page (`buildkite-agent annotate`), from the folder's summary.json.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use anyhow::Result;
+use camino::{Utf8Path, Utf8PathBuf};
+use clap::Args;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::upload::{MANIFEST, Manifest};
+use super::{Agent, group, read_pipeline_json};
+
+/// Longer lists of targets are folded into `<details>`.
+const COLLAPSE_OVER: usize = 20;
+/// Rows shown per table: Buildkite refuses annotation bodies over 1 MiB.
+const MAX_ROWS: usize = 1000;
+/// Characters kept of one error message.
+const MAX_ERROR: usize = 300;
+
+#[derive(Debug, Args)]
+pub struct AnnotateArgs {
+    /// The folder `drvkite pipeline --out` wrote.
+    #[arg(long, default_value = "pipeline")]
+    pub dir: Utf8PathBuf,
+    /// The annotation's context: annotating again replaces it.
+    #[arg(long, default_value = "drvkite")]
+    pub context: String,
+    /// Print the command and the Markdown instead of running buildkite-agent.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub version: u32,
+    pub targets: usize,
+    pub changed: Vec<String>,
+    pub unchanged: usize,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub broken: Vec<Broken>,
+    pub extra_steps: usize,
+    pub steps: BTreeMap<String, usize>,
+    pub evaluation_seconds: f64,
+    pub parent_map: ParentMap,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Broken {
+    pub label: String,
+    pub error: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ParentMap {
+    pub status: String,
+    #[serde(default)]
+    pub detail: String,
+    #[serde(default)]
+    pub source: Option<Value>,
+}
+
+impl Summary {
+    pub fn load(dir: &Utf8Path) -> Result<Self> {
+        // The manifest names the summary; without one, use the usual name.
+        let name = if dir.join(MANIFEST).exists() {
+            Manifest::load(dir)?.summary
+        } else {
+            "summary.json".to_owned()
+        };
+        read_pipeline_json(dir, &name, "summary")
+    }
+
+    /// Buildkite's annotation style: red for broken targets, orange when
+    /// the parent map was unusable, blue otherwise.
+    pub fn style(&self) -> &'static str {
+        if !self.broken.is_empty() {
+            "error"
+        } else if self.parent_map.status == "invalid" {
+            "warning"
+        } else {
+            "info"
+        }
+    }
+}
+
+pub fn run(args: &AnnotateArgs) -> Result<()> {
+    let summary = Summary::load(&args.dir)?;
+    let body = render(&summary);
+    let agent = Agent::new(args.dry_run)?;
+    group("annotating the build");
+    agent.run(
+        &[
+            "annotate",
+            "--context",
+            &args.context,
+            "--style",
+            summary.style(),
+        ],
+        Some(body.as_bytes()),
+    )
+}
+
+/// The annotation's Markdown.
+pub fn render(s: &Summary) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "#### drvkite: {} of {} targets to build\n",
+        s.changed.len(),
+        s.targets
+    );
+    md.push_str("| targets | changed | unchanged | added | removed | extra steps | evaluation |\n");
+    md.push_str("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    let _ = writeln!(
+        md,
+        "| {} | {} | {} | {} | {} | {} | {:.1} s |\n",
+        s.targets,
+        s.changed.len(),
+        s.unchanged,
+        s.added.len(),
+        s.removed.len(),
+        s.extra_steps,
+        s.evaluation_seconds
+    );
+    if !s.steps.is_empty() {
+        let phases: Vec<String> = s
+            .steps
+            .iter()
+            .map(|(phase, n)| format!("{} {n}", escape(phase)))
+            .collect();
+        let _ = writeln!(md, "Steps: {}.\n", phases.join(", "));
+    }
+    let _ = writeln!(md, "Parent map: {}\n", parent_map_line(&s.parent_map));
+
+    let added: BTreeSet<&str> = s.added.iter().map(String::as_str).collect();
+    let rows: Vec<Vec<String>> = s
+        .changed
+        .iter()
+        .map(|l| {
+            let kind = if added.contains(l.as_str()) {
+                "added"
+            } else {
+                "changed"
+            };
+            vec![escape(l), kind.to_owned()]
+        })
+        .collect();
+    table(&mut md, "Changed targets", &["target", "change"], &rows);
+    let rows: Vec<Vec<String>> = s.removed.iter().map(|l| vec![escape(l)]).collect();
+    table(&mut md, "Removed targets", &["target"], &rows);
+    let rows: Vec<Vec<String>> = s
+        .broken
+        .iter()
+        .map(|b| vec![escape(&b.label), escape(&shorten(&b.error))])
+        .collect();
+    table(&mut md, "Broken targets", &["target", "error"], &rows);
+    md
+}
+
+/// A titled table, folded away when long; nothing when empty.
+fn table(md: &mut String, title: &str, head: &[&str], rows: &[Vec<String>]) {
+    if rows.is_empty() {
+        return;
+    }
+    let collapse = rows.len() > COLLAPSE_OVER;
+    if collapse {
+        let _ = writeln!(
+            md,
+            "<details>\n<summary>{title} ({})</summary>\n",
+            rows.len()
+        );
+    } else {
+        let _ = writeln!(md, "**{title} ({})**\n", rows.len());
+    }
+    let row = |cells: &[&str]| format!("| {} |", cells.join(" | "));
+    let _ = writeln!(md, "{}", row(head));
+    let _ = writeln!(md, "{}", row(&vec!["---"; head.len()]));
+    for r in rows.iter().take(MAX_ROWS) {
+        let cells: Vec<&str> = r.iter().map(String::as_str).collect();
+        let _ = writeln!(md, "{}", row(&cells));
+    }
+    if rows.len() > MAX_ROWS {
+        let mut last = vec![""; head.len()];
+        let more = format!(
+            "… and {} more (see summary.json in the artifacts)",
+            rows.len() - MAX_ROWS
+        );
+        last[0] = &more;
+        let _ = writeln!(md, "{}", row(&last));
+    }
+    md.push('\n');
+    if collapse {
+        md.push_str("</details>\n\n");
+    }
+}
+
+fn parent_map_line(p: &ParentMap) -> String {
+    let detail = if p.detail.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", escape(&shorten(&p.detail)))
+    };
+    match p.status.as_str() {
+        "used" => {
+            let from = p.source.as_ref().map(source_text).unwrap_or_default();
+            if from.is_empty() {
+                format!("used{detail}.")
+            } else {
+                format!("{from}{detail}.")
+            }
+        }
+        "none" => format!("none{detail}: every target is built."),
+        "invalid" => format!("**unusable**{detail}: every target is built."),
+        other => format!("{}{detail}.", escape(other)),
+    }
+}
+
+/// Where the map came from, from the `.source.json` that `parent-map
+/// fetch` wrote (fields missing from another tool's sidecar are left out).
+fn source_text(v: &Value) -> String {
+    let str_of = |k: &str| v.get(k).and_then(Value::as_str);
+    let mut s = String::new();
+    match (
+        v.get("buildNumber").and_then(Value::as_u64),
+        str_of("buildUrl"),
+    ) {
+        (Some(n), Some(url)) if url.starts_with("https://") || url.starts_with("http://") => {
+            let _ = write!(s, "build [#{n}]({})", escape_url(url));
+        }
+        (Some(n), _) => {
+            let _ = write!(s, "build #{n}");
+        }
+        _ => s.push_str("an earlier build"),
+    }
+    if let Some(branch) = str_of("branch") {
+        let _ = write!(s, " of {}", escape(branch));
+    }
+    if let Some(commit) = str_of("commit") {
+        let short: String = commit.chars().take(12).collect();
+        let _ = write!(s, " at {}", escape(&short));
+    }
+    let distance = v.get("distance").and_then(Value::as_u64);
+    match (str_of("how"), distance) {
+        (Some("merge-base"), _) => s.push_str(", the merge-base of this commit"),
+        (Some("ancestor"), Some(1)) => s.push_str(", 1 commit before the merge-base"),
+        (Some("ancestor"), Some(d)) => {
+            let _ = write!(s, ", {d} commits before the merge-base");
+        }
+        (Some("newest"), _) => s.push_str(", the newest passed build of the default branch"),
+        _ => {}
+    }
+    s
+}
+
+fn shorten(s: &str) -> String {
+    let one_line = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() > MAX_ERROR {
+        let mut cut: String = one_line.chars().take(MAX_ERROR).collect();
+        cut.push('…');
+        cut
+    } else {
+        one_line
+    }
+}
+
+/// Text that reads as itself in Buildkite's Markdown and HTML: every
+/// character with a meaning there (`:` starts emoji codes) becomes a
+/// character reference, which
+/// Markdown renders literally (a backslash would not work inside tables
+/// and HTML blocks alike).
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' | '<' | '>' | '"' | '\'' | '|' | '\\' | '`' | '*' | '_' | '[' | ']' | '(' | ')'
+            | '#' | '!' | '~' | '{' | '}' | '+' | '$' | ':' => {
+                let _ = write!(out, "&#{};", c as u32);
+            }
+            '\n' | '\r' | '\t' => out.push(' '),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A link target: only parentheses and spaces would end it early.
+fn escape_url(url: &str) -> String {
+    url.replace('(', "%28")
+        .replace(')', "%29")
+        .replace(' ', "%20")
+        .replace('"', "%22")
+        .replace('<', "%3C")
+        .replace('>', "%3E")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup() {
+        assert_eq!(escape("lib/a"), "lib/a");
+        assert_eq!(escape("<b>|*x*_"), "&#60;b&#62;&#124;&#42;x&#42;&#95;");
+        assert_eq!(escape("a\nb"), "a b");
+    }
+
+    #[test]
+    fn huge_tables_are_cut() {
+        let rows: Vec<Vec<String>> = (0..MAX_ROWS + 3).map(|i| vec![i.to_string()]).collect();
+        let mut md = String::new();
+        table(&mut md, "T", &["n"], &rows);
+        assert!(
+            md.starts_with("<details>\n<summary>T (1003)</summary>\n\n| n |\n| --- |\n| 0 |\n")
+        );
+        assert!(md.contains("| 999 |\n| … and 3 more (see summary.json in the artifacts) |\n"));
+        assert!(!md.contains("| 1000 |"));
+    }
+
+    #[test]
+    fn source_of_a_fetched_map() {
+        let v = serde_json::json!({
+            "how": "ancestor", "distance": 2, "commit": "0123456789abcdef0123",
+            "branch": "main", "buildNumber": 7, "buildUrl": "https://bk.example/o/p/builds/7"
+        });
+        assert_eq!(
+            source_text(&v),
+            "build [#7](https://bk.example/o/p/builds/7) of main at 0123456789ab, 2 commits before the merge-base"
+        );
+        assert_eq!(source_text(&serde_json::json!({})), "an earlier build");
+    }
+}
