@@ -141,9 +141,18 @@ let
         inherit name;
         options = attrNames s;
         command = if s ? command then commandRecord s.command else null;
-        # The parent as parentOverride sees it: drvPath is all that changes.
-        parentOverrideDrvPath = if s ? parentOverride then drvPathOf (s.parentOverride parent) else null;
-        values = mapAttrs (_: plain) (
+        # The parent as parentOverride changes it (checked here: calling a
+        # non-function would abort the whole evaluation).
+        parentOverride =
+          if !(s ? parentOverride) then
+            null
+          else if !isFunction s.parentOverride then
+            { notAFunction = typeOf s.parentOverride; }
+          else
+            commandRecord (s.parentOverride parent);
+        # A function where data belongs becomes a marker drvkite reports
+        # by name: JSON cannot hold it, and toJSON's error cannot be caught.
+        values = mapAttrs (_: v: if isFunction v then { __drvkiteFunction = true; } else plain v) (
           removeAttrs s [
             "command"
             "parentOverride"
@@ -185,5 +194,18 @@ in
 {
   inherit total hasCiTargets;
   targets = map record selected;
-  settings = if shardIndex == 0 && mode == "full" && settingsPath != null then plain settingsPath else null;
+  # A settings file in the depot gets readTree's markers: not settings.
+  settings =
+    if shardIndex == 0 && mode == "full" && settingsPath != null then
+      plain (
+        if isAttrs settingsPath then
+          removeAttrs settingsPath [
+            "__readTree"
+            "__readTreeChildren"
+          ]
+        else
+          settingsPath
+      )
+    else
+      null;
 }

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::drvmap::{self, DrvMap};
 use crate::eval::{Evaluator, Nix};
 use crate::pipeline::ParentMap;
+use crate::pipeline::checkout::{self, Checked};
 use crate::pipeline::settings::{Overrides, Settings};
 use crate::types::Label;
 
@@ -24,6 +25,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Evaluate the depot and write its derivation map (TVL's drvmap.json format).
@@ -110,6 +113,12 @@ pub struct PipelineArgs {
     /// Key of the static step every build step depends on (default :init:).
     #[arg(long, env = "DRVKITE_BOOTSTRAP_KEY")]
     pub bootstrap_key: Option<String>,
+    /// Folder for the out-links (GC roots) that build and extra steps
+    /// create, relative to the depot root or absolute; e.g.
+    /// .git/drvkite-roots. Default: the depot root with TVL's names, which
+    /// the depot's .gitignore must then ignore (checked with git).
+    #[arg(long, env = "DRVKITE_GC_ROOT_DIR")]
+    pub gc_root_dir: Option<String>,
     /// Fail when any target fails to evaluate, instead of turning it into a
     /// failing step.
     #[arg(long, env = "DRVKITE_FAIL_ON_EVAL_ERROR")]
@@ -143,6 +152,7 @@ impl PipelineArgs {
             post_build_steps: parse_json_flag("post-build-steps", &self.post_build_steps)?,
             chunk_size: self.chunk_size,
             bootstrap_key: self.bootstrap_key.clone(),
+            gc_root_dir: self.gc_root_dir.clone(),
         })
     }
 }
@@ -168,6 +178,13 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
         (None, None) => "no parent map given: building every target".to_owned(),
     };
     let generated = crate::pipeline::generate(&eval, &parent, &detail, &settings)?;
+    let links = checkout::out_links(&eval, &settings);
+    if let Checked::Skipped(why) = checkout::ensure_ignored(&args.depot, &links, &settings)? {
+        eprintln!(
+            "drvkite: note: {why}: not checking that the steps' out-links ({}) are ignored",
+            links.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
     let files = crate::pipeline::write(&generated, &eval.drvmap(), &args.out, settings.chunk_size)?;
     let s = &generated.summary;
     eprintln!(

@@ -59,7 +59,8 @@ pub struct RawExtraStep {
     #[serde(default)]
     pub options: Vec<String>,
     pub command: Option<RawCommand>,
-    pub parent_override_drv_path: Option<DrvPath>,
+    /// The parent as `parentOverride` returns it.
+    pub parent_override: Option<RawCommand>,
     #[serde(default)]
     pub values: serde_json::Map<String, serde_json::Value>,
 }
@@ -71,6 +72,8 @@ pub struct RawCommand {
     #[serde(default)]
     pub outputs: Vec<String>,
     pub not_a_derivation: Option<String>,
+    /// Set when `parentOverride` is not a function (the type Nix saw).
+    pub not_a_function: Option<String>,
 }
 
 /// A target whose evaluation failed, with Nix's error trimmed to one line.

@@ -20,6 +20,20 @@ pub fn escape_interpolation(s: &str) -> String {
 /// syntax.
 const FALLBACK_EXPR: &str = "{ attrPath, output }: builtins.getAttr output (builtins.foldl' (v: n: builtins.getAttr n v) (import ./. { }) (builtins.fromJSON attrPath))";
 
+/// The same for a parent as an extra step's `parentOverride` changes it:
+/// the override is applied again to the parent found at `attrPath`.
+const OVERRIDE_FALLBACK_EXPR: &str = "{ attrPath, step, output }: let parent = builtins.foldl' (v: n: builtins.getAttr n v) (import ./. { }) (builtins.fromJSON attrPath); in builtins.getAttr output ((builtins.getAttr step parent.meta.ci.extraSteps).parentOverride parent)";
+
+/// What the fallback builds when the `.drv` file is gone.
+#[derive(Debug, Clone, Copy)]
+pub enum Fallback<'a> {
+    /// The derivation at this attribute path of the depot.
+    Attr(&'a AttrPath),
+    /// `parentOverride` of extra step `step` applied to the target at
+    /// `parent`.
+    ParentOverride { parent: &'a AttrPath, step: &'a str },
+}
+
 /// The command that builds a derivation and prints exactly one store path
 /// (its first output), leaving an indirect GC root at `out_link`.
 ///
@@ -36,10 +50,19 @@ pub fn build_command(
     attr_path: &AttrPath,
     out_link: &str,
 ) -> String {
+    build_command_with(drv, outputs, Fallback::Attr(attr_path), out_link)
+}
+
+/// [`build_command`] with a choice of fallback.
+pub fn build_command_with(
+    drv: &DrvPath,
+    outputs: &[String],
+    fallback: Fallback,
+    out_link: &str,
+) -> String {
     let first = outputs.first().map_or("out", String::as_str);
     let drv_q = sh_quote(drv.as_str());
     let link_q = sh_quote(out_link);
-    let attr_json = serde_json::to_string(attr_path.parts()).expect("strings serialise");
     let realise = if outputs.len() <= 1 {
         // One output: print it through the root, as TVL does.
         format!("nix-store --realise {drv_q} --add-root {link_q} --indirect | xargs -r realpath")
@@ -50,10 +73,24 @@ pub fn build_command(
             sh_quote(&format!("{}!{first}", drv.as_str()))
         )
     };
+    let json = |p: &AttrPath| serde_json::to_string(p.parts()).expect("strings serialise");
+    let (expr, args) = match fallback {
+        Fallback::Attr(path) => (
+            FALLBACK_EXPR,
+            format!("--argstr attrPath {}", sh_quote(&json(path))),
+        ),
+        Fallback::ParentOverride { parent, step } => (
+            OVERRIDE_FALLBACK_EXPR,
+            format!(
+                "--argstr attrPath {} --argstr step {}",
+                sh_quote(&json(parent)),
+                sh_quote(step)
+            ),
+        ),
+    };
     format!(
-        "set -o pipefail; ({realise}) || (test ! -f {drv_q} && nix-build -E {} --argstr attrPath {} --argstr output {} --show-trace --out-link {link_q})",
-        sh_quote(FALLBACK_EXPR),
-        sh_quote(&attr_json),
+        "set -o pipefail; ({realise}) || (test ! -f {drv_q} && nix-build -E {} {args} --argstr output {} --show-trace --out-link {link_q})",
+        sh_quote(expr),
         sh_quote(first),
     )
 }

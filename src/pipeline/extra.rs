@@ -2,11 +2,13 @@
 //! `normaliseExtraStep`, rendered like its `mkExtraStep`, with the command
 //! script built lazily when the step runs.
 
+use std::collections::HashMap;
+
 use anyhow::{Result, bail};
 use serde_json::{Map, Value, json};
 use sha1::{Digest, Sha1};
 
-use super::command::{build_command, escape_interpolation, sh_quote};
+use super::command::{Fallback, build_command, build_command_with, escape_interpolation, sh_quote};
 use super::{ParentStep, Settings};
 use crate::eval::{RawExtraStep, Target};
 use crate::types::DrvPath;
@@ -30,6 +32,9 @@ const OPTIONS: &[&str] = &[
     "softFail",
 ];
 
+/// Buildkite refuses skip reasons longer than this.
+const MAX_SKIP_REASON: usize = 70;
+
 /// A validated extra step.
 #[derive(Debug, Clone)]
 pub struct ExtraStep {
@@ -38,7 +43,8 @@ pub struct ExtraStep {
     pub script: DrvPath,
     pub script_outputs: Vec<String>,
     pub needs_output: bool,
-    pub parent_drv: DrvPath,
+    /// The parent as `parentOverride` changed it, when the step has one.
+    pub parent_override: Option<DrvPath>,
     pub branches: Option<Vec<String>>,
     pub always_run: bool,
     pub prompt: Option<String>,
@@ -53,11 +59,48 @@ fn context(name: &str, label: &str, parent: &Target) -> String {
     format!("in extra step '{shown}' (from {})", parent.label)
 }
 
+/// A user value as an error message shows it.
+fn describe(v: &Value) -> String {
+    match v {
+        Value::Object(o) if o.contains_key("__drvkiteFunction") => "a function".to_owned(),
+        Value::Object(_) => "an attribute set".to_owned(),
+        Value::Array(_) => "a list".to_owned(),
+        Value::Null => "null".to_owned(),
+        other => other.to_string(),
+    }
+}
+
 fn as_bool(v: Option<&Value>, what: &str, ctx: &str) -> Result<bool> {
     match v {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(other) => bail!("{ctx}: '{what}' must be true or false, not {other}"),
+        Some(other) => bail!(
+            "{ctx}: '{what}' must be true or false, not {}",
+            describe(other)
+        ),
+    }
+}
+
+fn soft_fail(v: Option<&Value>, ctx: &str) -> Result<Value> {
+    let valid_entry = |e: &Value| {
+        e.as_object().is_some_and(|o| {
+            o.len() == 1
+                && o.get("exit_status")
+                    .is_some_and(|s| s.is_i64() || s.as_str() == Some("*"))
+        })
+    };
+    match v {
+        None | Some(Value::Null) => Ok(json!(false)),
+        Some(b @ Value::Bool(_)) => Ok(b.clone()),
+        Some(a @ Value::Array(entries)) if entries.iter().all(valid_entry) => Ok(a.clone()),
+        Some(other) => bail!(
+            "{ctx}: 'softFail' must be true, false or a list like [ {{ exit_status = 253; }} ] (exit_status a number or \"*\"), not {}",
+            if other.is_array() {
+                other.to_string()
+            } else {
+                describe(other)
+            }
+        ),
     }
 }
 
@@ -72,11 +115,12 @@ pub fn validate(raw: &RawExtraStep, parent: &Target, settings: &Settings) -> Res
     }
     let v = &raw.values;
     let label = match v.get("label") {
-        Some(Value::String(s)) => s.clone(),
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
         None | Some(Value::Null) => name.clone(),
         Some(other) => bail!(
-            "{}: 'label' must be a string, not {other}",
-            context(&name, "", parent)
+            "{}: 'label' must be a non-empty string, not {}",
+            context(&name, "", parent),
+            describe(other)
         ),
     };
     let ctx = context(&name, &label, parent);
@@ -86,19 +130,19 @@ pub fn validate(raw: &RawExtraStep, parent: &Target, settings: &Settings) -> Res
             OPTIONS.join(", ")
         );
     }
-    let script = match &raw.command {
+    let (script, script_outputs) = match &raw.command {
         None => bail!(
             "{ctx}: 'command' is required: a derivation that builds one executable (e.g. writeShellScript)"
         ),
         Some(c) => match (&c.drv_path, &c.not_a_derivation) {
-            (Some(d), _) if c.outputs.len() == 1 => d.clone(),
+            (Some(d), _) if c.outputs.len() == 1 => (d.clone(), c.outputs.clone()),
             (Some(_), _) => bail!(
-                "{ctx}: 'command' must have exactly one output, it has {} ({})",
+                "{ctx}: 'command' must have exactly one output, it has {} ({}): its store path is run as the step's script",
                 c.outputs.len(),
                 c.outputs.join(", ")
             ),
             (None, t) => bail!(
-                "{ctx}: 'command' must be a derivation, not a {}",
+                "{ctx}: 'command' must be a derivation that builds one executable (e.g. writeShellScript), not a {}",
                 t.as_deref().unwrap_or("value")
             ),
         },
@@ -106,7 +150,7 @@ pub fn validate(raw: &RawExtraStep, parent: &Target, settings: &Settings) -> Res
     let phase = match v.get("phase") {
         None | Some(Value::Null) => "build".to_owned(),
         Some(Value::String(p)) => p.clone(),
-        Some(other) => bail!("{ctx}: 'phase' must be a string, not {other}"),
+        Some(other) => bail!("{ctx}: 'phase' must be a string, not {}", describe(other)),
     };
     if !settings.phases.contains(&phase) {
         bail!(
@@ -119,7 +163,10 @@ pub fn validate(raw: &RawExtraStep, parent: &Target, settings: &Settings) -> Res
         Some(Value::String(s)) => Some(s.clone()),
         // TVL ignores a non-string prompt outside the build phase; a gate
         // the user asked for must not vanish silently.
-        Some(other) => bail!("{ctx}: 'prompt' must be the question to ask (a string), not {other}"),
+        Some(other) => bail!(
+            "{ctx}: 'prompt' must be the question to ask (a string), not {}",
+            describe(other)
+        ),
     };
     if prompt.is_some() && phase == "build" {
         bail!(
@@ -128,47 +175,76 @@ pub fn validate(raw: &RawExtraStep, parent: &Target, settings: &Settings) -> Res
     }
     let branches = match v.get("branches") {
         None | Some(Value::Null) => None,
-        Some(Value::Array(a)) if a.iter().all(Value::is_string) => Some(
-            a.iter()
-                .filter_map(|b| b.as_str().map(str::to_owned))
-                .collect(),
-        ),
+        Some(Value::Array(a))
+            if a.iter().all(|b| {
+                b.as_str()
+                    .is_some_and(|s| !s.is_empty() && !s.contains(char::is_whitespace))
+            }) =>
+        {
+            Some(
+                a.iter()
+                    .filter_map(|b| b.as_str().map(str::to_owned))
+                    .collect(),
+            )
+        }
         Some(Value::String(s)) => Some(s.split_whitespace().map(str::to_owned).collect()),
-        Some(other) => bail!("{ctx}: 'branches' must be a list of branch patterns, not {other}"),
-    };
-    let soft_fail = match v.get("softFail") {
-        None | Some(Value::Null) => json!(false),
-        Some(b @ Value::Bool(_)) => b.clone(),
-        Some(a @ Value::Array(_)) => a.clone(),
+        // Buildkite takes one space-separated string: a pattern with a
+        // space in it would silently become two.
         Some(other) => bail!(
-            "{ctx}: 'softFail' must be a bool or a list of {{ exit_status = N; }}, not {other}"
+            "{ctx}: 'branches' must be a list of branch patterns without spaces (e.g. [ \"refs/heads/main\" ]), not {}",
+            if other.is_array() {
+                other.to_string()
+            } else {
+                describe(other)
+            }
         ),
     };
     let skip = match v.get("skip") {
         None | Some(Value::Null) => json!(false),
+        Some(Value::String(r)) if r.chars().count() > MAX_SKIP_REASON => bail!(
+            "{ctx}: the 'skip' reason is longer than Buildkite's limit of {MAX_SKIP_REASON} characters: shorten it"
+        ),
         Some(s @ (Value::Bool(_) | Value::String(_))) => s.clone(),
-        Some(other) => bail!("{ctx}: 'skip' must be a bool or a reason string, not {other}"),
+        Some(other) => bail!(
+            "{ctx}: 'skip' must be a bool or a reason string, not {}",
+            describe(other)
+        ),
+    };
+    let agents = match v.get("agents") {
+        None | Some(Value::Null) => None,
+        Some(a @ Value::Object(o)) if !o.contains_key("__drvkiteFunction") => Some(a.clone()),
+        Some(Value::Array(l)) if l.iter().all(Value::is_string) => Some(json!(l)),
+        Some(other) => bail!(
+            "{ctx}: 'agents' must be an attribute set of agent tags (e.g. {{ queue = \"deploy\"; }}) or a list of \"key=value\" strings, not {}",
+            describe(other)
+        ),
+    };
+    let parent_override = match &raw.parent_override {
+        None => None,
+        Some(p) => match (&p.drv_path, &p.not_a_function, &p.not_a_derivation) {
+            (Some(d), _, _) => Some(d.clone()),
+            (None, Some(t), _) => bail!(
+                "{ctx}: 'parentOverride' must be a function from the parent target to a derivation, not a {t}"
+            ),
+            (None, None, t) => bail!(
+                "{ctx}: 'parentOverride' must return a derivation, not a {}",
+                t.as_deref().unwrap_or("value")
+            ),
+        },
     };
     Ok(ExtraStep {
         name,
         script,
-        script_outputs: raw
-            .command
-            .as_ref()
-            .map(|c| c.outputs.clone())
-            .unwrap_or_default(),
+        script_outputs,
         needs_output: as_bool(v.get("needsOutput"), "needsOutput", &ctx)?,
-        parent_drv: raw
-            .parent_override_drv_path
-            .clone()
-            .unwrap_or_else(|| parent.drv_path.clone()),
+        parent_override,
         branches,
         always_run: as_bool(v.get("alwaysRun"), "alwaysRun", &ctx)?,
         prompt,
-        soft_fail,
+        soft_fail: soft_fail(v.get("softFail"), &ctx)?,
         phase,
         skip,
-        agents: v.get("agents").filter(|a| !a.is_null()).cloned(),
+        agents,
         label,
     })
 }
@@ -179,22 +255,58 @@ pub fn step_key(label: &str, parent_label: &str) -> String {
     format!("extra-step-{}", hex::encode(digest))
 }
 
+/// The out-link names (relative to the link folder) a step's command
+/// creates: `link` for output `out`, `link-<output>` for the others, as
+/// nix-store and nix-build name them.
+pub fn link_names(link: &str, outputs: &[String]) -> Vec<String> {
+    if outputs.is_empty() {
+        return vec![link.to_owned()];
+    }
+    outputs
+        .iter()
+        .map(|o| {
+            if o == "out" {
+                link.to_owned()
+            } else {
+                format!("{link}-{o}")
+            }
+        })
+        .collect()
+}
+
+/// The out-links the command of `step` (on `parent`) creates, before
+/// they are placed in the GC root folder.
+pub fn out_links(step: &ExtraStep, parent: &Target) -> Vec<String> {
+    let mut links = link_names(SCRIPT_LINK, &step.script_outputs);
+    if step.needs_output {
+        links.extend(link_names("result", &parent.outputs));
+    }
+    links
+}
+
 /// The step's shell script: build the parent first when asked, then build
 /// the command script (lazily: only now, on the agent) and exec it.
-fn script_body(step: &ExtraStep, parent: &Target) -> String {
+fn script_body(step: &ExtraStep, parent: &Target, settings: &Settings) -> String {
     let mut lines = vec!["set -ueo pipefail".to_owned()];
     if step.needs_output {
         lines.push(format!(
             "echo {}",
             sh_quote(&format!("~~~ Preparing build output of {}", parent.label))
         ));
-        let build = build_command(
-            &step.parent_drv,
-            &parent.outputs,
-            &parent.attr_path,
-            "result",
-        );
-        // Scripts get the parent's output path without relying on ./result.
+        let (drv, fallback) = match &step.parent_override {
+            None => (&parent.drv_path, Fallback::Attr(&parent.attr_path)),
+            Some(d) => (
+                d,
+                Fallback::ParentOverride {
+                    parent: &parent.attr_path,
+                    step: &step.name,
+                },
+            ),
+        };
+        let build =
+            build_command_with(drv, &parent.outputs, fallback, &settings.out_link("result"));
+        // Scripts get the parent's output path without relying on ./result
+        // (which is elsewhere when a GC root folder is configured).
         lines.push(format!("DRVKITE_PARENT_OUTPUT=\"$({build})\""));
         lines.push("export DRVKITE_PARENT_OUTPUT".to_owned());
     }
@@ -202,11 +314,28 @@ fn script_body(step: &ExtraStep, parent: &Target) -> String {
     let attr = parent
         .attr_path
         .join(["meta", "ci", "extraSteps", step.name.as_str(), "command"]);
-    let build = build_command(&step.script, &step.script_outputs, &attr, SCRIPT_LINK);
+    let build = build_command(
+        &step.script,
+        &step.script_outputs,
+        &attr,
+        &settings.out_link(SCRIPT_LINK),
+    );
     lines.push(format!("command_script=\"$({build})\""));
     lines.push("echo '+++ Running extra step script'".to_owned());
     lines.push("exec \"$command_script\"".to_owned());
     lines.join("\n") + "\n"
+}
+
+/// The step's skip: `alwaysRun` wins, then its own `skip`, then the
+/// parent's (unchanged parent: nothing to do).
+fn effective_skip(step: &ExtraStep, parent_step: &ParentStep) -> Value {
+    if step.always_run {
+        json!(false)
+    } else if step.skip != json!(false) {
+        step.skip.clone()
+    } else {
+        parent_step.skip.clone()
+    }
 }
 
 /// Render a target's extra steps as (phase, step) pairs, in name order.
@@ -216,15 +345,21 @@ pub fn render(
     settings: &Settings,
 ) -> Result<Vec<(String, Value)>> {
     let mut out = Vec::new();
+    let mut keys: HashMap<String, String> = HashMap::new();
     for raw in parent.extra_steps.values() {
         let step = validate(raw, parent, settings)?;
-        let skip = if step.always_run {
-            json!(false)
-        } else if step.skip != json!(false) {
-            step.skip.clone()
-        } else {
-            parent_step.skip.clone()
-        };
+        let key = step_key(&step.label, parent.label.as_str());
+        if let Some(other) = keys.insert(key.clone(), step.name.clone()) {
+            bail!(
+                "extra steps '{other}' and '{}' of {} have the same label '{}', so the same step key: give one of them another label",
+                step.name,
+                parent.label,
+                step.label
+            );
+        }
+        let skip = effective_skip(&step, parent_step);
+        // needsOutput builds the parent itself, and alwaysRun must not wait
+        // for a parent step that may be skipped or failing.
         let depends_on: Vec<String> =
             if settings.build_enabled() && !step.always_run && !step.needs_output {
                 vec![parent_step.key.as_str().to_owned()]
@@ -232,10 +367,7 @@ pub fn render(
                 Vec::new()
             };
         let mut s = Map::new();
-        s.insert(
-            "key".into(),
-            json!(step_key(&step.label, parent.label.as_str())),
-        );
+        s.insert("key".into(), json!(key));
         s.insert(
             "label".into(),
             json!(escape_interpolation(&format!(
@@ -247,7 +379,7 @@ pub fn render(
         s.insert("depends_on".into(), json!(depends_on));
         s.insert(
             "command".into(),
-            json!(escape_interpolation(&script_body(&step, parent))),
+            json!(escape_interpolation(&script_body(&step, parent, settings))),
         );
         s.insert("soft_fail".into(), step.soft_fail.clone());
         for (k, v) in &settings.default_step_overrides {
@@ -269,7 +401,8 @@ pub fn render(
                     "block": escape_interpolation(&format!(":radio_button: Run {}? (from {})", step.label, parent.label)),
                 });
                 // The group honours the step's own skip and alwaysRun (TVL
-                // used the parent's skip only).
+                // used the parent's skip only). It carries no branches:
+                // Buildkite refuses them on groups.
                 json!({
                     "group": escape_interpolation(&step.label),
                     "depends_on": depends,

@@ -1,6 +1,7 @@
 //! Rendering: turn evaluated targets into Buildkite steps, grouped by phase
 //! and cut into chunks that `buildkite-agent pipeline upload` accepts.
 
+pub mod checkout;
 pub mod command;
 pub mod extra;
 pub mod settings;
@@ -134,6 +135,8 @@ pub struct ParentSummary {
 /// be unique, and building it once is enough.
 struct BuildUnit<'a> {
     target: &'a Target,
+    /// Every target building this derivation: each has its own extra steps.
+    members: Vec<&'a Target>,
     labels: Vec<Label>,
     skip: bool,
 }
@@ -148,6 +151,7 @@ fn group_by_drv<'a>(targets: &'a [Target], parent: &ParentMap) -> Vec<BuildUnit<
                 let u = &mut units[i];
                 if !u.labels.contains(&t.label) {
                     u.labels.push(t.label.clone());
+                    u.members.push(t);
                 }
                 // Built by the parent under any of its labels is built.
                 u.skip |= unchanged;
@@ -156,6 +160,7 @@ fn group_by_drv<'a>(targets: &'a [Target], parent: &ParentMap) -> Vec<BuildUnit<
                 index.insert(&t.drv_path, units.len());
                 units.push(BuildUnit {
                     target: t,
+                    members: vec![t],
                     labels: vec![t.label.clone()],
                     skip: unchanged,
                 });
@@ -190,7 +195,12 @@ fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<St
             depends_on.push(dep);
         }
     }
-    let command = command::build_command(&t.drv_path, &t.outputs, &t.attr_path, "result");
+    let command = command::build_command(
+        &t.drv_path,
+        &t.outputs,
+        &t.attr_path,
+        &settings.out_link("result"),
+    );
     let mut step = Map::new();
     step.insert(
         "label".into(),
@@ -267,15 +277,6 @@ pub fn generate(
     for unit in &units {
         let t = unit.target;
         seen_units.insert(&t.drv_path);
-        let parent_step = ParentStep {
-            key: t.drv_path.step_key(),
-            label: t.label.clone(),
-            skip: if unit.skip {
-                json!(UNCHANGED)
-            } else {
-                json!(false)
-            },
-        };
         if build_enabled {
             let d = deps.get(&t.drv_path).map(Vec::as_slice).unwrap_or(&[]);
             phase_steps
@@ -283,11 +284,21 @@ pub fn generate(
                 .expect("build is enabled")
                 .push(Value::Object(build_step(unit, d, settings)));
         }
-        let extras = extra::render(t, &parent_step, settings)?;
-        for (phase, step) in extras {
-            extra_count += 1;
-            if let Some(list) = phase_steps.get_mut(phase.as_str()) {
-                list.push(step);
+        for member in &unit.members {
+            let parent_step = ParentStep {
+                key: t.drv_path.step_key(),
+                label: member.label.clone(),
+                skip: if unit.skip {
+                    json!(UNCHANGED)
+                } else {
+                    json!(false)
+                },
+            };
+            for (phase, step) in extra::render(member, &parent_step, settings)? {
+                extra_count += 1;
+                if let Some(list) = phase_steps.get_mut(phase.as_str()) {
+                    list.push(step);
+                }
             }
         }
     }

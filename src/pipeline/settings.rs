@@ -20,6 +20,10 @@ pub struct Settings {
     pub post_build_steps: Vec<Value>,
     pub chunk_size: usize,
     pub bootstrap_key: String,
+    /// Folder for the out-links (GC roots) generated commands create;
+    /// `None`: the checkout root, with TVL's names. Relative paths are taken
+    /// from the depot root, where steps run.
+    pub gc_root_dir: Option<String>,
 }
 
 impl Default for Settings {
@@ -33,6 +37,7 @@ impl Default for Settings {
             post_build_steps: Vec::new(),
             chunk_size: DEFAULT_CHUNK_SIZE,
             bootstrap_key: ":init:".into(),
+            gc_root_dir: None,
         }
     }
 }
@@ -50,6 +55,7 @@ pub struct Overrides {
     pub post_build_steps: Option<Vec<Value>>,
     pub chunk_size: Option<usize>,
     pub bootstrap_key: Option<String>,
+    pub gc_root_dir: Option<String>,
 }
 
 impl Overrides {
@@ -89,6 +95,9 @@ impl Settings {
         if let Some(v) = o.bootstrap_key {
             self.bootstrap_key = v;
         }
+        if let Some(v) = o.gc_root_dir {
+            self.gc_root_dir = Some(v);
+        }
         self
     }
 
@@ -127,7 +136,23 @@ impl Settings {
                 "the bootstrap step key is empty: pass the key of the step that runs drvkite's pipeline upload's parent (e.g. :init:)"
             );
         }
+        if let Some(dir) = &self.gc_root_dir
+            && (dir.is_empty() || dir.contains(['\n', '\0']))
+        {
+            bail!(
+                "the GC root folder {dir:?} is not a usable path: give a folder such as .git/drvkite-roots (--gc-root-dir, gcRootDir)"
+            );
+        }
         Ok(())
+    }
+
+    /// Where a generated command puts the out-link `name`: in the checkout
+    /// root (TVL's place), or in the configured GC root folder.
+    pub fn out_link(&self, name: &str) -> String {
+        match &self.gc_root_dir {
+            None => name.to_owned(),
+            Some(dir) => format!("{}/{name}", dir.trim_end_matches('/')),
+        }
     }
 
     /// Enabled phases in `phases` order.
@@ -186,5 +211,23 @@ mod tests {
             assert!(s.validate().is_err());
         }
         assert!(Overrides::from_depot(&serde_json::json!({"chunksize": 3}), "ci.drvkite").is_err());
+    }
+
+    #[test]
+    fn gc_root_dir_places_out_links() {
+        assert_eq!(Settings::default().out_link("result"), "result");
+        let depot = Overrides::from_depot(
+            &serde_json::json!({"gcRootDir": ".git/drvkite-roots/"}),
+            "ci.drvkite",
+        )
+        .unwrap();
+        let s = Settings::default().apply(depot);
+        s.validate().unwrap();
+        assert_eq!(s.out_link("result"), ".git/drvkite-roots/result");
+        let empty = Settings {
+            gc_root_dir: Some(String::new()),
+            ..Default::default()
+        };
+        assert!(empty.validate().is_err());
     }
 }

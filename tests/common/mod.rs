@@ -131,7 +131,8 @@ pub fn instantiate_attr(depot: &Path, attr_path: &[String]) -> String {
     let expr = attr_path.iter().fold("import ./. {}".to_owned(), |e, a| {
         format!(
             "builtins.getAttr {} ({e})",
-            serde_json::to_string(a).unwrap()
+            // A JSON string is a Nix string once `${` cannot interpolate.
+            serde_json::to_string(a).unwrap().replace("${", "\\${")
         )
     });
     let out = ok(Command::new("nix-instantiate")

@@ -36,15 +36,18 @@ rec {
     };
 
   # An executable script, as an extra step's `command` wants.
+  # The text travels in an environment variable: spliced into the build
+  # command it would need shell quoting.
   writeScript =
     name: text:
     derivation {
       inherit name system salt;
+      text = "#!/bin/sh\n" + text;
       builder = "/bin/sh";
       args = [
         "-c"
         ''
-          printf '%s' ${builtins.toJSON ("#!/bin/sh\n" + text)} > "$out"
+          printf '%s' "$text" > "$out"
           /bin/chmod +x "$out"
         ''
       ];

@@ -16,9 +16,12 @@ mkTarget {
     };
     inspect-output = {
       needsOutput = true;
+      # drvkite exports the parent's output path; ./result is TVL's way.
       command = writeScript "lint-inspect-output" ''
-        echo "parent output: $(cat result)"
-        if [ -n "''${EXTRA_STEP_LOG:-}" ]; then echo "lint-inspect-output" >> "$EXTRA_STEP_LOG"; fi
+        echo "parent output: $(cat "$DRVKITE_PARENT_OUTPUT")"
+        if [ -n "''${EXTRA_STEP_LOG:-}" ]; then
+          echo "lint-inspect-output $DRVKITE_PARENT_OUTPUT $(readlink result || echo no-result)" >> "$EXTRA_STEP_LOG"
+        fi
       '';
     };
   };
