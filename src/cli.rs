@@ -54,6 +54,8 @@ pub enum Command {
         #[arg(long, default_value_t = 8)]
         depth: usize,
     },
+    /// Persist and restore caches between builds, safely (see README: Ephemera).
+    Ephemera(crate::ephemera::EphemeraArgs),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -110,6 +112,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             print!("{}", crate::explain::render(&diffs));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Ephemera(args) => crate::ephemera::run(args).await,
     }
 }
 

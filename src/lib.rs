@@ -8,6 +8,7 @@
 pub mod atomic;
 pub mod cli;
 pub mod drvmap;
+pub mod ephemera;
 pub mod eval;
 pub mod explain;
 pub mod graph;
