@@ -83,7 +83,13 @@ pub fn create<W: Write>(sources: &[Source], out: W, limits: &Limits) -> Result<(
                 .metadata()
                 .with_context(|| format!("cannot read {shown}"))?;
             let mut header = tar::Header::new_gnu();
-            header.set_mtime(mtime_secs(&meta));
+            // Only files keep their time (build tools compare those); folders
+            // and links get 0, so persisting a restored tree is byte-identical.
+            header.set_mtime(if entry.file_type().is_file() {
+                mtime_secs(&meta)
+            } else {
+                0
+            });
             header.set_uid(0);
             header.set_gid(0);
             header.set_size(0);

@@ -26,6 +26,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
+use clap::builder::FalseyValueParser;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -68,15 +69,15 @@ pub struct Options {
     #[arg(long, env = "DRVKITE_EPHEMERA_S3_ENDPOINT", global = true)]
     pub s3_endpoint: Option<String>,
     /// Allow plain http:// for the S3 endpoint.
-    #[arg(long, env = "DRVKITE_EPHEMERA_S3_ALLOW_HTTP", global = true)]
+    #[arg(long, env = "DRVKITE_EPHEMERA_S3_ALLOW_HTTP", value_parser = FalseyValueParser::new(), global = true)]
     pub s3_allow_http: bool,
     /// Default-branch builds write a trusted seed, which pull requests and
     /// branch builds of the pipeline's own repository fall back to.
-    #[arg(long, env = "DRVKITE_EPHEMERA_SEED", global = true)]
+    #[arg(long, env = "DRVKITE_EPHEMERA_SEED", value_parser = FalseyValueParser::new(), global = true)]
     pub seed: bool,
     /// Default-branch builds restore trusted seeds (never entries of pull
     /// requests or branches).
-    #[arg(long, env = "DRVKITE_EPHEMERA_TRUSTED_RESTORE", global = true)]
+    #[arg(long, env = "DRVKITE_EPHEMERA_TRUSTED_RESTORE", value_parser = FalseyValueParser::new(), global = true)]
     pub trusted_restore: bool,
     /// Largest compressed entry to write or restore (e.g. 4GiB, 500MB).
     #[arg(long, env = "DRVKITE_EPHEMERA_MAX_ENTRY_SIZE", default_value = "4GiB", value_parser = parse_size, global = true)]
@@ -128,11 +129,11 @@ pub enum EphemeraCommand {
         #[command(flatten)]
         key: KeyArgs,
         /// Fail when nothing is restored.
-        #[arg(long, env = "DRVKITE_EPHEMERA_REQUIRE")]
+        #[arg(long, env = "DRVKITE_EPHEMERA_REQUIRE", value_parser = FalseyValueParser::new())]
         require: bool,
         /// Also append the provenance line to the build's annotation
         /// (context drvkite-ephemera).
-        #[arg(long, env = "DRVKITE_EPHEMERA_ANNOTATE")]
+        #[arg(long, env = "DRVKITE_EPHEMERA_ANNOTATE", value_parser = FalseyValueParser::new())]
         annotate: bool,
     },
     /// List the entries of this pipeline (of the whole store outside

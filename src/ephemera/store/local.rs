@@ -144,3 +144,37 @@ impl LocalStore {
         self.path(key).display().to_string()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_never_replaces_and_leaves_no_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(&dir.path().join("store")).unwrap();
+        assert!(store.create("a/b/c.json", b"first").unwrap());
+        assert!(!store.create("a/b/c.json", b"second").unwrap());
+        assert_eq!(store.get("a/b/c.json").unwrap().unwrap(), b"first");
+        store.put("a/u", b"1").unwrap();
+        store.put("a/u", b"2").unwrap();
+        assert_eq!(store.get("a/u").unwrap().unwrap(), b"2");
+        let mut keys: Vec<String> = store
+            .list("a")
+            .unwrap()
+            .into_iter()
+            .map(|l| l.key)
+            .collect();
+        keys.sort();
+        assert_eq!(keys, ["a/b/c.json", "a/u"]);
+        let all = walkdir::WalkDir::new(dir.path())
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(TMP_PREFIX))
+            .count();
+        assert_eq!(all, 0);
+        assert!(store.get("missing").unwrap().is_none());
+        store.delete("missing").unwrap();
+        assert!(store.list("nothing/here").unwrap().is_empty());
+    }
+}
