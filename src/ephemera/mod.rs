@@ -558,7 +558,12 @@ async fn restore(
                     if annotate {
                         append_annotation(&line);
                     }
-                    touch(ctx, entry).await;
+                    // A job writes only into its own scope, even last-use
+                    // marks: trusted seeds are kept fresh by the default
+                    // branch persisting them.
+                    if write_scope.as_deref() == Some(prefix.as_str()) {
+                        touch(ctx, entry).await;
+                    }
                     return Ok(ExitCode::SUCCESS);
                 }
                 Err(Refusal::Fatal(e)) => return Err(e),
@@ -600,6 +605,18 @@ async fn restore_entry(ctx: &Ctx, entry: &Entry, anchors: &Anchors) -> Result<St
         .map(|p| anchors.target(p))
         .collect::<Result<Vec<_>>>()
         .map_err(|e| skip(e, true))?;
+    // Persist never writes these; a manifest that has them was forged.
+    let overlapping = targets.iter().enumerate().any(|(i, a)| {
+        targets[i + 1..]
+            .iter()
+            .any(|b| a.starts_with(b) || b.starts_with(a))
+    });
+    if targets.is_empty() || overlapping {
+        return Err(skip(
+            anyhow::anyhow!("its manifest lists no paths or overlapping paths"),
+            true,
+        ));
+    }
     let blob = entry.blob_key();
     let location = ctx.store.location(&blob);
     // Download and check the digest before anything is extracted.
