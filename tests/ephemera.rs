@@ -457,9 +457,10 @@ impl Evil {
 /// scope could do. A matching blob and manifest, so only the archive's
 /// contents are wrong.
 fn plant(world: &World, template: &str, archive: &[u8], id: &str) {
-    world.job(Build::Pr(5), &[]).ok(&["invalidate", "cargo"]);
     let store = world.store_path();
     let mut m = common::read_json(&store.join(template));
+    let name = m["name"].as_str().unwrap().to_string();
+    world.job(Build::Pr(5), &[]).ok(&["invalidate", &name]);
     let sha = hex(&Sha256::digest(archive));
     let scope = m["scope"].as_str().unwrap().to_string();
     std::fs::write(store.join(format!("{scope}/blobs/{sha}.tar.zst")), archive).unwrap();
@@ -715,6 +716,24 @@ fn extraction_is_staged_then_swapped_in_replacing_the_old_folder() {
     assert!(stderr(&out).contains("device file"), "{}", stderr(&out));
     assert_eq!(files_under(&d.ws.join("target")), ["stale.txt"]);
     assert!(d.leftovers().is_empty(), "{:?}", d.leftovers());
+
+    // Missing parent folders made for the staging folder go away again.
+    let e = world.job(Build::Pr(5), &[]);
+    e.write("deep/er/cache/x", "x");
+    e.ok(&["persist", "nested", "deep/er/cache"]);
+    let template = world
+        .manifests()
+        .into_iter()
+        .find(|m| m.contains("/entries/nested/"))
+        .unwrap();
+    let mut evil = Evil::new();
+    evil.entry("0/null", EntryType::Char, None, b"");
+    plant(&world, &template, &evil.finish(), "90000000000000000000-2");
+    let f = world.job(Build::Pr(5), &[]);
+    let out = f.run(&["restore", "nested"]);
+    assert!(stderr(&out).contains("device file"), "{}", stderr(&out));
+    assert!(files_under(&f.ws).is_empty(), "{:?}", files_under(&f.ws));
+    assert!(!f.ws.join("deep").exists());
 }
 
 #[test]

@@ -344,24 +344,57 @@ const PAX_ALLOWED: &[&[u8]] = &[
 /// An archive extracted into staging folders, not yet put in place.
 pub struct Staged {
     parts: Vec<(tempfile::TempDir, PathBuf)>,
+    /// Missing parent folders of targets that extraction created; removed
+    /// again (when empty) if the archive is not swapped in.
+    created: Vec<PathBuf>,
     pub unpacked: u64,
     pub entries: u64,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        self.parts.clear();
+        for dir in self.created.iter().rev() {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Create `dir` and its missing ancestors, returning those created,
+/// outermost first.
+fn create_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    let mut d = dir;
+    while fs::symlink_metadata(d).is_err() {
+        missing.push(d.to_path_buf());
+        d = match d.parent() {
+            Some(p) => p,
+            None => break,
+        };
+    }
+    missing.reverse();
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(missing)
 }
 
 /// Extract `reader` (tar + zstd) for `targets` (member N goes to
 /// `targets[N]`) into staging folders next to the targets. On error the
 /// staging folders are removed and the targets were never touched.
 pub fn extract<R: Read>(reader: R, targets: &[PathBuf], limits: &Limits) -> Result<Staged> {
-    let mut parts = Vec::new();
+    let mut staged = Staged {
+        parts: Vec::new(),
+        created: Vec::new(),
+        unpacked: 0,
+        entries: 0,
+    };
     for target in targets {
         let parent = target.parent().context("a target has no parent folder")?;
-        fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
+        staged.created.extend(create_dirs(parent)?);
         let staging = tempfile::Builder::new()
             .prefix(".drvkite-ephemera-")
             .tempdir_in(parent)
             .with_context(|| format!("cannot create a staging folder in {}", parent.display()))?;
-        parts.push((staging, target.clone()));
+        staged.parts.push((staging, target.clone()));
     }
     let mut decoder = zstd::Decoder::new(reader).context("cannot start zstd")?;
     decoder
@@ -397,7 +430,7 @@ pub fn extract<R: Read>(reader: R, targets: &[PathBuf], limits: &Limits) -> Resu
         if entries > limits.max_entries {
             bail!("the archive has more than {} entries", limits.max_entries);
         }
-        let mut dest = parts[index].0.path().join("new");
+        let mut dest = staged.parts[index].0.path().join("new");
         for c in &comps {
             dest.push(OsStr::from_bytes(c));
         }
@@ -450,11 +483,9 @@ pub fn extract<R: Read>(reader: R, targets: &[PathBuf], limits: &Limits) -> Resu
             }
         }
     }
-    Ok(Staged {
-        parts,
-        unpacked,
-        entries,
-    })
+    staged.unpacked = unpacked;
+    staged.entries = entries;
+    Ok(staged)
 }
 
 fn make_parent(dest: &Path) -> Result<()> {
@@ -483,9 +514,10 @@ impl Staged {
     /// Put each extracted path in place of its target: the old one is moved
     /// into the staging folder, the new one renamed in, the old one removed.
     /// Returns the targets replaced.
-    pub fn swap(self) -> Result<Vec<PathBuf>> {
+    pub fn swap(mut self) -> Result<Vec<PathBuf>> {
+        self.created.clear();
         let mut done = Vec::new();
-        for (staging, target) in self.parts {
+        for (staging, target) in std::mem::take(&mut self.parts) {
             let new = staging.path().join("new");
             if fs::symlink_metadata(&new).is_err() {
                 continue;
