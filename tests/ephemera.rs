@@ -457,6 +457,17 @@ impl Evil {
 /// scope could do. A matching blob and manifest, so only the archive's
 /// contents are wrong.
 fn plant(world: &World, template: &str, archive: &[u8], id: &str) {
+    plant_with(world, template, archive, id, |_| {});
+}
+
+/// [`plant`], with the manifest changed by `edit` as well.
+fn plant_with(
+    world: &World,
+    template: &str,
+    archive: &[u8],
+    id: &str,
+    edit: impl Fn(&mut serde_json::Value),
+) {
     let store = world.store_path();
     let mut m = common::read_json(&store.join(template));
     let name = m["name"].as_str().unwrap().to_string();
@@ -470,6 +481,7 @@ fn plant(world: &World, template: &str, archive: &[u8], id: &str) {
     m["created_at"] = humantime::format_rfc3339_nanos(SystemTime::now())
         .to_string()
         .into();
+    edit(&mut m);
     let path = store.join(Path::new(template).with_file_name(format!("{id}.json")));
     std::fs::write(path, serde_json::to_vec(&m).unwrap()).unwrap();
 }
@@ -671,6 +683,49 @@ fn malicious_archives_are_refused_and_touch_nothing() {
         );
         assert!(job.leftovers().is_empty(), "{what}: {:?}", job.leftovers());
         assert!(!job.ws.join("target/fine.txt").exists(), "{what}");
+    }
+    // A forged manifest may name places outside the anchors, credential
+    // stores, or the same place twice: refused before anything is made.
+    let forged = [
+        (
+            serde_json::json!([{"anchor": "workspace", "path": "../../../outside"}]),
+            "not a plain relative path",
+        ),
+        (
+            serde_json::json!([{"anchor": "workspace", "path": outside_s}]),
+            "not a plain relative path",
+        ),
+        (
+            serde_json::json!([{"anchor": "home", "path": ".ssh"}]),
+            "credential store",
+        ),
+        (
+            serde_json::json!([{"anchor": "workspace", "path": "a"}, {"anchor": "workspace", "path": "a/b"}]),
+            "overlapping paths",
+        ),
+    ];
+    for (i, (paths, reason)) in forged.into_iter().enumerate() {
+        let mut benign = Evil::new();
+        benign.entry("1", EntryType::Directory, None, b"");
+        plant_with(
+            &world,
+            &template,
+            &benign.finish(),
+            &format!("8{i:019}-1"),
+            |m| {
+                m["paths"] = paths.clone();
+            },
+        );
+        let job = world.job(Build::Pr(5), &[]);
+        job.write("Cargo.lock", "lock v1\n");
+        let before = snapshot(world.root.path(), &world.store_path());
+        let out = job.run(&["restore", "cargo", "--key-file", "Cargo.lock"]);
+        assert!(stderr(&out).contains(reason), "{reason}: {}", stderr(&out));
+        assert_eq!(
+            snapshot(world.root.path(), &world.store_path()),
+            before,
+            "{reason}"
+        );
     }
     assert_eq!(
         std::fs::read_to_string(outside.join("victim.txt")).unwrap(),

@@ -134,10 +134,7 @@ impl Anchors {
     /// plain, credential stores, and places whose existing parent folders
     /// lead outside the anchor (through a symbolic link).
     pub fn target(&self, saved: &SavedPath) -> Result<PathBuf> {
-        check_plain(&saved.path)?;
-        if is_credential(&saved.path) {
-            bail!("entry path {saved} is a credential store: refused");
-        }
+        check_saved(saved)?;
         let dir = self.dir(saved.anchor)?;
         let target = dir.join(&saved.path);
         let mut existing = target.parent().expect("target is below its anchor");
@@ -156,6 +153,16 @@ impl Anchors {
         }
         Ok(target)
     }
+}
+
+/// What a manifest may list at all, whatever the agent: plain relative
+/// paths that are not credential stores.
+pub fn check_saved(saved: &SavedPath) -> Result<()> {
+    check_plain(&saved.path)?;
+    if is_credential(&saved.path) {
+        bail!("entry path {saved} is a credential store: refused");
+    }
+    Ok(())
 }
 
 /// A relative path of plain components only (no `..`, `.`, root, empty).

@@ -599,12 +599,17 @@ async fn restore_entry(ctx: &Ctx, entry: &Entry, anchors: &Anchors) -> Result<St
             false,
         ));
     }
+    // A manifest listing unsafe paths is broken (or forged); a path this
+    // agent cannot place (no HOME, a link in the checkout) is not.
+    for p in &m.paths {
+        anchor::check_saved(p).map_err(|e| skip(e, true))?;
+    }
     let targets = m
         .paths
         .iter()
         .map(|p| anchors.target(p))
         .collect::<Result<Vec<_>>>()
-        .map_err(|e| skip(e, true))?;
+        .map_err(|e| skip(e, false))?;
     // Persist never writes these; a manifest that has them was forged.
     let overlapping = targets.iter().enumerate().any(|(i, a)| {
         targets[i + 1..]
