@@ -72,6 +72,8 @@ pub enum Command {
     },
     /// Put a summary of the generated pipeline on the Buildkite build page.
     Annotate(crate::buildkite::annotate::AnnotateArgs),
+    /// Persist and restore caches between builds, safely (see README: Ephemera).
+    Ephemera(crate::ephemera::EphemeraArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -274,6 +276,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             crate::buildkite::annotate::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Ephemera(args) => crate::ephemera::run(args).await,
     }
 }
 

@@ -9,6 +9,7 @@ pub mod atomic;
 pub mod buildkite;
 pub mod cli;
 pub mod drvmap;
+pub mod ephemera;
 pub mod eval;
 pub mod explain;
 pub mod graph;

@@ -1,0 +1,307 @@
+//! Manifests, tombstones and how a scope's objects are laid out:
+//!
+//! ```text
+//! <scope>/blobs/<sha256>.tar.zst             the archive, named by content
+//! <scope>/entries/<name>/<key>/<id>.json     manifest (created once, never replaced)
+//! <scope>/used/<name>/<key>/<id>             last use (the object's own time)
+//! <scope>/tombstones/<name>/<id>.json        invalidation (created once)
+//! ```
+//!
+//! Ids start with the creation time in nanoseconds, so they sort by age.
+
+use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use super::anchor::SavedPath;
+use super::key::KeyInputs;
+use super::scope::split_scope;
+use super::store::{Listed, Store};
+
+/// Bumped when the manifest's meaning changes.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub tool_version: String,
+    pub id: String,
+    pub name: String,
+    pub scope: String,
+    pub key: String,
+    pub key_inputs: KeyInputs,
+    /// SHA-256 of the compressed archive (the blob).
+    pub sha256: String,
+    /// Compressed size in bytes.
+    pub size: u64,
+    pub unpacked_size: u64,
+    pub entries: u64,
+    pub paths: Vec<SavedPath>,
+    pub created_at: String,
+    pub created_by: CreatedBy,
+}
+
+/// The Buildkite job that wrote an entry or tombstone.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CreatedBy {
+    pub build_id: Option<String>,
+    pub build_number: Option<String>,
+    pub build_url: Option<String>,
+    pub job_id: Option<String>,
+    pub step_key: Option<String>,
+    pub branch: Option<String>,
+    pub commit: Option<String>,
+    pub agent: Option<String>,
+}
+
+impl CreatedBy {
+    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> CreatedBy {
+        let var = |name: &str| get(name).filter(|v| !v.is_empty());
+        CreatedBy {
+            build_id: var("BUILDKITE_BUILD_ID"),
+            build_number: var("BUILDKITE_BUILD_NUMBER"),
+            build_url: var("BUILDKITE_BUILD_URL"),
+            job_id: var("BUILDKITE_JOB_ID"),
+            step_key: var("BUILDKITE_STEP_KEY"),
+            branch: var("BUILDKITE_BRANCH"),
+            commit: var("BUILDKITE_COMMIT"),
+            agent: var("BUILDKITE_AGENT_NAME"),
+        }
+    }
+
+    /// "build 42 (url) job 0190…" for provenance lines.
+    pub fn describe(&self) -> String {
+        let or = |v: &Option<String>| v.clone().unwrap_or_else(|| "?".into());
+        let mut s = format!("build {}", or(&self.build_number));
+        if let Some(url) = &self.build_url {
+            s.push_str(&format!(" ({url})"));
+        }
+        s.push_str(&format!(" job {}", or(&self.job_id)));
+        s
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub format: u32,
+    pub id: String,
+    pub name: String,
+    /// Only this key; all keys of the name when absent.
+    pub key: Option<String>,
+    pub created_at: String,
+    pub created_by: CreatedBy,
+}
+
+/// A new id: creation time in nanoseconds, then the process, so two
+/// writers in one scope do not pick the same name.
+pub fn new_id(now: SystemTime) -> String {
+    let nanos = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{nanos:020}-{}", std::process::id())
+}
+
+pub fn now_rfc3339(now: SystemTime) -> String {
+    humantime::format_rfc3339_nanos(now).to_string()
+}
+
+fn parse_time(s: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339(s).ok()
+}
+
+pub fn entry_key(scope: &str, name: &str, key: &str, id: &str) -> String {
+    format!("{scope}/entries/{name}/{key}/{id}.json")
+}
+
+pub fn used_key(scope: &str, name: &str, key: &str, id: &str) -> String {
+    format!("{scope}/used/{name}/{key}/{id}")
+}
+
+pub fn blob_key(scope: &str, sha256: &str) -> String {
+    format!("{scope}/blobs/{sha256}.tar.zst")
+}
+
+pub fn tombstone_key(scope: &str, name: &str, id: &str) -> String {
+    format!("{scope}/tombstones/{name}/{id}.json")
+}
+
+/// An entry found in a scope.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub manifest: Manifest,
+    /// Its manifest's store key.
+    pub path: String,
+    pub last_used: SystemTime,
+    pub tombstoned: bool,
+}
+
+impl Entry {
+    pub fn used_key(&self) -> String {
+        let m = &self.manifest;
+        used_key(&m.scope, &m.name, &m.key, &m.id)
+    }
+
+    pub fn blob_key(&self) -> String {
+        blob_key(&self.manifest.scope, &self.manifest.sha256)
+    }
+}
+
+/// Everything stored in one scope.
+#[derive(Debug, Default)]
+pub struct ScopeIndex {
+    pub scope: String,
+    /// Newest first.
+    pub entries: Vec<Entry>,
+    pub tombstones: Vec<(Listed, Tombstone)>,
+    pub blobs: Vec<Listed>,
+    /// Last-use markers (also those whose entry is gone).
+    pub used: Vec<Listed>,
+    /// Objects that are not what their place says (unreadable manifests…).
+    pub junk: Vec<Listed>,
+}
+
+impl ScopeIndex {
+    /// The newest live entry for `name` and `key`.
+    pub fn newest<'a>(&'a self, name: &'a str, key: &'a str) -> Option<&'a Entry> {
+        self.live(name, key).next()
+    }
+
+    /// Live entries for `name` and `key`, newest first.
+    pub fn live<'a>(&'a self, name: &'a str, key: &'a str) -> impl Iterator<Item = &'a Entry> {
+        self.entries
+            .iter()
+            .filter(move |e| !e.tombstoned && e.manifest.name == name && e.manifest.key == key)
+    }
+
+    /// Bytes used by the scope's blobs.
+    pub fn usage(&self) -> u64 {
+        self.blobs.iter().map(|b| b.size).sum()
+    }
+}
+
+/// Load the scopes below `prefix` ("" for the whole store, or a scope's or
+/// pipeline's prefix). With `name`, only that set's manifests are read.
+pub async fn load(store: &Store, prefix: &str, name: Option<&str>) -> Result<Vec<ScopeIndex>> {
+    let mut scopes: HashMap<String, ScopeIndex> = HashMap::new();
+    let mut manifests = Vec::new();
+    let mut used = HashMap::new();
+    for obj in store.list(prefix).await? {
+        let Some((scope, rest)) = split_scope(&obj.key) else {
+            continue;
+        };
+        let index = scopes
+            .entry(scope.to_string())
+            .or_insert_with(|| ScopeIndex {
+                scope: scope.to_string(),
+                ..Default::default()
+            });
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            ["entries", n, _, file] if file.ends_with(".json") => {
+                if name.is_none_or(|want| want == *n) {
+                    manifests.push(obj);
+                }
+            }
+            ["used", _, _, _] => {
+                used.insert(rest.replacen("used/", "", 1), obj.modified);
+                index.used.push(obj);
+            }
+            ["tombstones", n, file] if file.ends_with(".json") => {
+                if name.is_some_and(|want| want != *n) {
+                    continue;
+                }
+                match read_json::<Tombstone>(store, &obj.key).await? {
+                    Some(t) if t.name == *n && format!("{}.json", t.id) == *file => {
+                        index.tombstones.push((obj, t));
+                    }
+                    _ => index.junk.push(obj),
+                }
+            }
+            ["blobs", file] if file.ends_with(".tar.zst") => index.blobs.push(obj),
+            _ => index.junk.push(obj),
+        }
+    }
+    for obj in manifests {
+        let (scope, rest) = split_scope(&obj.key).expect("checked above");
+        let index = scopes.get_mut(scope).expect("created above");
+        let m = match read_json::<Manifest>(store, &obj.key).await? {
+            // The manifest must say what its place says, or a copy put
+            // elsewhere would be taken for an entry of another scope.
+            Some(m)
+                if obj.key == entry_key(scope, &m.name, &m.key, &m.id) && is_sha256(&m.sha256) =>
+            {
+                m
+            }
+            _ => {
+                index.junk.push(obj);
+                continue;
+            }
+        };
+        let marker = rest.replacen("entries/", "", 1);
+        let marker = marker.strip_suffix(".json").unwrap_or(&marker);
+        let last_used = used.get(marker).copied().unwrap_or(obj.modified);
+        index.entries.push(Entry {
+            manifest: m,
+            path: obj.key,
+            last_used,
+            tombstoned: false,
+        });
+    }
+    let mut out: Vec<ScopeIndex> = scopes.into_values().collect();
+    for index in &mut out {
+        for entry in &mut index.entries {
+            let created = parse_time(&entry.manifest.created_at);
+            entry.tombstoned = index.tombstones.iter().any(|(_, t)| {
+                t.name == entry.manifest.name
+                    && t.key.as_ref().is_none_or(|k| *k == entry.manifest.key)
+                    && match (parse_time(&t.created_at), created) {
+                        (Some(t), Some(c)) => t >= c,
+                        // An entry whose time cannot be read is not trusted.
+                        _ => true,
+                    }
+            });
+        }
+        index
+            .entries
+            .sort_by(|a, b| b.manifest.id.cmp(&a.manifest.id));
+    }
+    out.sort_by(|a, b| a.scope.cmp(&b.scope));
+    Ok(out)
+}
+
+/// Load one scope (empty if it holds nothing).
+pub async fn load_scope(store: &Store, scope: &str, name: Option<&str>) -> Result<ScopeIndex> {
+    let found = load(store, scope, name).await?;
+    Ok(found
+        .into_iter()
+        .find(|s| s.scope == scope)
+        .unwrap_or_else(|| ScopeIndex {
+            scope: scope.to_string(),
+            ..Default::default()
+        }))
+}
+
+/// `None` when the object is gone or is not valid JSON of that shape; a
+/// store that cannot be read is an error (never a reason to delete).
+async fn read_json<T: for<'de> Deserialize<'de>>(store: &Store, key: &str) -> Result<Option<T>> {
+    Ok(store
+        .get(key)
+        .await?
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok()))
+}
+
+pub fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip_with_nanoseconds() {
+        let t = UNIX_EPOCH + std::time::Duration::new(1_700_000_000, 123_456_789);
+        assert_eq!(parse_time(&now_rfc3339(t)), Some(t));
+        assert!(new_id(t).starts_with("01700000000123456789-"));
+    }
+}

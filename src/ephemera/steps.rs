@@ -1,0 +1,207 @@
+//! Declarative use from pipeline steps: the shell lines that restore a
+//! step's ephemera sets before its script and persist them after it, only
+//! when the script succeeded.
+//!
+//! The lines are meant for a Buildkite `command`, which `pipeline upload`
+//! interpolates: every literal `$` is written `$$`, and every value is
+//! single-quoted for bash.
+
+use std::collections::HashSet;
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::check_name;
+
+/// One ephemera set of an extra step, as the Nix side declares it in
+/// `meta.ci.extraSteps.<step>.ephemera`:
+///
+/// ```nix
+/// ephemera = [
+///   { name = "cargo-home"; paths = [ "~/.cargo/registry" "~/.cargo/git" ];
+///     keyFiles = [ "Cargo.lock" ]; }
+///   { name = "target"; paths = [ "target" ]; keyFiles = [ "Cargo.lock" ];
+///     salt = "2"; keyDrv = pkgs.rustc.drvPath; }
+/// ];
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EphemeraSet {
+    /// The set's name: letters, digits, `.`, `_`, `-`.
+    pub name: String,
+    /// Relative to the checkout, or `~/…` for the agent's home.
+    pub paths: Vec<String>,
+    /// Files (relative to the checkout) whose contents are part of the key.
+    #[serde(default)]
+    pub key_files: Vec<String>,
+    /// Change it to start afresh.
+    #[serde(default)]
+    pub salt: String,
+    /// A derivation path (e.g. the toolchain's) that is part of the key.
+    #[serde(default)]
+    pub key_drv: Option<String>,
+}
+
+/// Shell lines for a step's `command`, calling `drvkite` from `PATH`:
+/// `(restore, persist)`. Put `restore` before the script and `persist`
+/// right after it:
+///
+/// ```text
+/// {restore}
+/// {script}
+/// {persist}
+/// ```
+///
+/// `persist` starts by checking the exit status of the script's last
+/// command; if it is not 0 it exits with that status and nothing is
+/// persisted. A script that fails under `set -e` or calls `exit` never
+/// reaches it at all.
+pub fn step_commands(sets: &[EphemeraSet]) -> Result<(String, String)> {
+    step_commands_with("drvkite", sets)
+}
+
+/// [`step_commands`] with another way to call drvkite (a path, or e.g.
+/// `nix run …#drvkite --`; inserted as it is, so it must be valid shell
+/// with any `$` already written `$$`).
+pub fn step_commands_with(program: &str, sets: &[EphemeraSet]) -> Result<(String, String)> {
+    let mut names = HashSet::new();
+    for set in sets {
+        check_name(&set.name)?;
+        if !names.insert(&set.name) {
+            bail!("ephemera set {} is listed twice in one step", set.name);
+        }
+        if set.paths.is_empty() {
+            bail!(
+                "ephemera set {} has no paths: list what to persist",
+                set.name
+            );
+        }
+        let values = set
+            .paths
+            .iter()
+            .chain(&set.key_files)
+            .chain(set.key_drv.iter());
+        for value in values {
+            if value.is_empty() || value.chars().any(char::is_control) {
+                bail!(
+                    "ephemera set {} has an empty path or one with control characters: {value:?}",
+                    set.name
+                );
+            }
+        }
+    }
+    if sets.is_empty() {
+        return Ok((String::new(), String::new()));
+    }
+    let key_flags = |set: &EphemeraSet| {
+        let mut flags = String::new();
+        for file in &set.key_files {
+            flags.push_str(&format!(" --key-file={}", quote(file)));
+        }
+        if !set.salt.is_empty() {
+            flags.push_str(&format!(" --salt={}", quote(&set.salt)));
+        }
+        if let Some(drv) = &set.key_drv {
+            flags.push_str(&format!(" --key-drv={}", quote(drv)));
+        }
+        flags
+    };
+    let mut restore = String::new();
+    let mut persist = String::from(
+        "drvkite_ephemera_status=$$?\n\
+         if [ \"$$drvkite_ephemera_status\" -ne 0 ]; then exit \"$$drvkite_ephemera_status\"; fi\n",
+    );
+    for set in sets {
+        let flags = key_flags(set);
+        restore.push_str(&format!(
+            "{program} ephemera restore{flags} -- {}\n",
+            quote(&set.name)
+        ));
+        let paths: Vec<String> = set.paths.iter().map(|p| quote(p)).collect();
+        persist.push_str(&format!(
+            "{program} ephemera persist{flags} -- {} {}\n",
+            quote(&set.name),
+            paths.join(" ")
+        ));
+    }
+    Ok((restore, persist))
+}
+
+/// A whole step command: the restore lines, the script, the persist lines.
+pub fn wrap_script(sets: &[EphemeraSet], script: &str) -> Result<String> {
+    let (restore, persist) = step_commands(sets)?;
+    if sets.is_empty() {
+        return Ok(script.to_string());
+    }
+    Ok(format!(
+        "{restore}{}\n{persist}",
+        script.trim_end_matches('\n')
+    ))
+}
+
+/// Single-quote for bash, then double every `$` for Buildkite's
+/// interpolation (which ignores shell quoting).
+pub fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''")).replace('$', "$$")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(name: &str, paths: &[&str]) -> EphemeraSet {
+        EphemeraSet {
+            name: name.into(),
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+            key_files: vec![],
+            salt: String::new(),
+            key_drv: None,
+        }
+    }
+
+    #[test]
+    fn values_are_quoted_and_dollars_doubled() {
+        assert_eq!(quote("a b"), "'a b'");
+        assert_eq!(quote("it's"), r"'it'\''s'");
+        assert_eq!(quote("$HOME"), "'$$HOME'");
+        let mut s = set("cargo", &["~/.cargo/registry", "target"]);
+        s.key_files = vec!["Cargo.lock".into()];
+        s.salt = "v$1".into();
+        let (restore, persist) = step_commands(&[s]).unwrap();
+        assert_eq!(
+            restore,
+            "drvkite ephemera restore --key-file='Cargo.lock' --salt='v$$1' -- 'cargo'\n"
+        );
+        assert!(persist.starts_with("drvkite_ephemera_status=$$?\n"));
+        assert!(persist.ends_with(
+            "drvkite ephemera persist --key-file='Cargo.lock' --salt='v$$1' -- 'cargo' \
+             '~/.cargo/registry' 'target'\n"
+        ));
+        // No single `$` survives: Buildkite would interpolate it.
+        assert!(!persist.replace("$$", "").contains('$'));
+    }
+
+    #[test]
+    fn bad_sets_are_refused() {
+        assert!(step_commands(&[set("a b", &["x"])]).is_err());
+        assert!(step_commands(&[set("a", &[])]).is_err());
+        assert!(step_commands(&[set("a", &["x"]), set("a", &["y"])]).is_err());
+        assert!(step_commands(&[set("a", &["x\ny"])]).is_err());
+        assert_eq!(step_commands(&[]).unwrap(), (String::new(), String::new()));
+        assert_eq!(wrap_script(&[], "make").unwrap(), "make");
+    }
+
+    #[test]
+    fn the_nix_shape_deserializes() {
+        let sets: Vec<EphemeraSet> = serde_json::from_str(
+            r#"[{"name":"t","paths":["target"],"keyFiles":["Cargo.lock"],"salt":"1",
+                 "keyDrv":"/nix/store/abc-rustc.drv"},{"name":"r","paths":["~/.cargo"]}]"#,
+        )
+        .unwrap();
+        assert_eq!(sets[0].key_files, ["Cargo.lock"]);
+        assert_eq!(sets[1].salt, "");
+        assert!(
+            serde_json::from_str::<Vec<EphemeraSet>>(r#"[{"name":"t","path":["x"]}]"#).is_err()
+        );
+    }
+}
