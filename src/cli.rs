@@ -119,8 +119,8 @@ pub struct PipelineArgs {
     /// create, relative to the depot root or absolute; e.g.
     /// .git/drvkite-roots. Default: the depot root with TVL's names, which
     /// the depot's .gitignore must then ignore (checked with git).
-    #[arg(long, env = "DRVKITE_GC_ROOT_DIR")]
-    pub gc_root_dir: Option<String>,
+    #[arg(long, env = "DRVKITE_OUT_LINK_DIR")]
+    pub out_link_dir: Option<String>,
     /// Fail when any target fails to evaluate, instead of turning it into a
     /// failing step.
     #[arg(long, env = "DRVKITE_FAIL_ON_EVAL_ERROR")]
@@ -154,7 +154,7 @@ impl PipelineArgs {
             post_build_steps: parse_json_flag("post-build-steps", &self.post_build_steps)?,
             chunk_size: self.chunk_size,
             bootstrap_key: self.bootstrap_key.clone(),
-            gc_root_dir: self.gc_root_dir.clone(),
+            out_link_dir: self.out_link_dir.clone(),
         })
     }
 }

@@ -516,7 +516,7 @@ derivation {
         gitignore.display()
     );
     assert!(stderr.contains(&expected), "{stderr}");
-    assert!(stderr.contains("--gc-root-dir"), "{stderr}");
+    assert!(stderr.contains("--out-link-dir"), "{stderr}");
     assert!(!out.exists());
 
     // Those lines are enough.
@@ -533,10 +533,14 @@ derivation {
 }
 
 #[test]
-fn gc_root_dir_in_the_git_directory_needs_no_ignores() {
+fn out_link_dir_in_the_git_directory_needs_no_ignores() {
     let depot = Depot::with_git();
     remove_gitignore(&depot);
-    let (_, chunks) = pipeline(&depot, "pipeline", &["--gc-root-dir", ".git/drvkite-roots"]);
+    let (_, chunks) = pipeline(
+        &depot,
+        "pipeline",
+        &["--out-link-dir", ".git/drvkite-roots"],
+    );
     let roots = depot.path(".git/drvkite-roots");
     let log = depot.out("log");
 
@@ -581,14 +585,14 @@ fn gc_root_dir_in_the_git_directory_needs_no_ignores() {
 }
 
 #[test]
-fn gc_root_dir_from_depot_settings_outside_the_work_tree() {
+fn out_link_dir_from_depot_settings_outside_the_work_tree() {
     let depot = Depot::with_git();
     remove_gitignore(&depot);
     let roots = depot.out("roots");
     depot.write(
         "ci/drvkite.nix",
         &format!(
-            "{{ ... }}: {{ gcRootDir = {}; }}\n",
+            "{{ ... }}: {{ outLinkDir = {}; }}\n",
             serde_json::to_string(roots.to_str().unwrap()).unwrap()
         ),
     );
@@ -606,7 +610,7 @@ fn gc_root_dir_from_depot_settings_outside_the_work_tree() {
     assert_clean(&depot);
 
     // A folder inside the work tree must be ignored: the whole folder.
-    let stderr = pipeline_fails(&depot, &depot.out("p2"), &["--gc-root-dir", "gc-roots"]);
+    let stderr = pipeline_fails(&depot, &depot.out("p2"), &["--out-link-dir", "gc-roots"]);
     assert!(stderr.contains("the lines \"/gc-roots/\""), "{stderr}");
 }
 

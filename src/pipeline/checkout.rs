@@ -153,7 +153,7 @@ pub fn ensure_ignored(
         .map(|p| p.strip_prefix(&top).map_or(p.as_str(), Utf8Path::as_str))
         .collect();
     bail!(
-        "the steps' out-links would dirty the git checkout {top} (not ignored: {}), and steps that check for a clean tree would fail: add to {top}/.gitignore the lines {}, or keep the links out of the work tree with a --gc-root-dir (gcRootDir) such as .git/drvkite-roots",
+        "the steps' out-links would dirty the git checkout {top} (not ignored: {}), and steps that check for a clean tree would fail: add to {top}/.gitignore the lines {}, or keep the links out of the work tree with a --out-link-dir (outLinkDir) such as .git/drvkite-roots",
         names.join(", "),
         lines
             .iter()
@@ -175,7 +175,7 @@ fn gitignore_line(rel: &Utf8Path, settings: &Settings) -> String {
             format!("{d}/")
         }
     });
-    if settings.gc_root_dir.is_some() && !dir.is_empty() {
+    if settings.out_link_dir.is_some() && !dir.is_empty() {
         return format!("/{dir}");
     }
     let pattern = ["result", SCRIPT_LINK]
@@ -231,7 +231,7 @@ mod tests {
         assert_eq!(line(SCRIPT_LINK, &tvl), format!("/{SCRIPT_LINK}"));
         assert_eq!(line("sub/result-bin", &tvl), "/sub/result-*");
         let rooted = Settings {
-            gc_root_dir: Some("roots".into()),
+            out_link_dir: Some("roots".into()),
             ..Default::default()
         };
         assert_eq!(line("roots/result", &rooted), "/roots/");

@@ -23,7 +23,7 @@ pub struct Settings {
     /// Folder for the out-links (GC roots) generated commands create;
     /// `None`: the checkout root, with TVL's names. Relative paths are taken
     /// from the depot root, where steps run.
-    pub gc_root_dir: Option<String>,
+    pub out_link_dir: Option<String>,
 }
 
 impl Default for Settings {
@@ -37,7 +37,7 @@ impl Default for Settings {
             post_build_steps: Vec::new(),
             chunk_size: DEFAULT_CHUNK_SIZE,
             bootstrap_key: ":init:".into(),
-            gc_root_dir: None,
+            out_link_dir: None,
         }
     }
 }
@@ -55,7 +55,7 @@ pub struct Overrides {
     pub post_build_steps: Option<Vec<Value>>,
     pub chunk_size: Option<usize>,
     pub bootstrap_key: Option<String>,
-    pub gc_root_dir: Option<String>,
+    pub out_link_dir: Option<String>,
 }
 
 impl Overrides {
@@ -95,8 +95,8 @@ impl Settings {
         if let Some(v) = o.bootstrap_key {
             self.bootstrap_key = v;
         }
-        if let Some(v) = o.gc_root_dir {
-            self.gc_root_dir = Some(v);
+        if let Some(v) = o.out_link_dir {
+            self.out_link_dir = Some(v);
         }
         self
     }
@@ -136,11 +136,11 @@ impl Settings {
                 "the bootstrap step key is empty: pass the key of the step that runs drvkite's pipeline upload's parent (e.g. :init:)"
             );
         }
-        if let Some(dir) = &self.gc_root_dir
+        if let Some(dir) = &self.out_link_dir
             && (dir.is_empty() || dir.contains(['\n', '\0']))
         {
             bail!(
-                "the GC root folder {dir:?} is not a usable path: give a folder such as .git/drvkite-roots (--gc-root-dir, gcRootDir)"
+                "the out-link folder {dir:?} is not a usable path: give a folder such as .git/drvkite-roots (--out-link-dir, outLinkDir)"
             );
         }
         Ok(())
@@ -149,7 +149,7 @@ impl Settings {
     /// Where a generated command puts the out-link `name`: in the checkout
     /// root (TVL's place), or in the configured GC root folder.
     pub fn out_link(&self, name: &str) -> String {
-        match &self.gc_root_dir {
+        match &self.out_link_dir {
             None => name.to_owned(),
             Some(dir) => format!("{}/{name}", dir.trim_end_matches('/')),
         }
@@ -214,10 +214,10 @@ mod tests {
     }
 
     #[test]
-    fn gc_root_dir_places_out_links() {
+    fn out_link_dir_places_out_links() {
         assert_eq!(Settings::default().out_link("result"), "result");
         let depot = Overrides::from_depot(
-            &serde_json::json!({"gcRootDir": ".git/drvkite-roots/"}),
+            &serde_json::json!({"outLinkDir": ".git/drvkite-roots/"}),
             "ci.drvkite",
         )
         .unwrap();
@@ -225,7 +225,7 @@ mod tests {
         s.validate().unwrap();
         assert_eq!(s.out_link("result"), ".git/drvkite-roots/result");
         let empty = Settings {
-            gc_root_dir: Some(String::new()),
+            out_link_dir: Some(String::new()),
             ..Default::default()
         };
         assert!(empty.validate().is_err());
