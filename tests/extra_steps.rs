@@ -89,14 +89,19 @@ fn interpolate(text: &str) -> String {
 /// Run a step's command as an agent does after `pipeline upload`:
 /// interpolated, then run by bash in the checkout.
 fn run_step(depot: &Depot, command: &str, log: &Path) -> String {
-    let script = interpolate(command);
-    ok(Command::new("bash")
-        .arg("-c")
-        .arg(&script)
+    ok(&mut step_command(depot, command, log))
+}
+
+/// The agent's bash for a step's command, to add variables to.
+fn step_command(depot: &Depot, command: &str, log: &Path) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(interpolate(command))
         .current_dir(&depot.root)
         // No binary cache: nothing to download, and no network retries.
         .env("NIX_CONFIG", "substituters =")
-        .env("EXTRA_STEP_LOG", log))
+        .env("EXTRA_STEP_LOG", log);
+    cmd
 }
 
 fn log_lines(log: &Path) -> Vec<String> {
@@ -469,6 +474,14 @@ fn invalid_extra_steps_fail_with_one_line_naming_step_and_parent() {
             r#"dup = { label = "same"; command = script; }; meta.ci.extraSteps.dup2 = { label = "same"; command = script; }"#,
             "extra steps 'dup' and 'dup2' of bad have the same label 'same'",
         ),
+        (
+            r#"cache = { command = script; ephemera = "~/.cargo"; }"#,
+            "in extra step 'cache' (from bad): 'ephemera' must be a list of sets like",
+        ),
+        (
+            r#"cache = { command = script; ephemera = [ { name = "c"; paths = [ ]; } ]; }"#,
+            "in extra step 'cache' (from bad): ephemera set c has no paths",
+        ),
     ];
     for (step, expected) in cases {
         depot.write("bad/default.nix", &bad_target(step));
@@ -757,4 +770,78 @@ depot.nix.build.mkTarget {{
         let step = find(&chunks, &format!(":gear: check (from {parent})")).1;
         assert_eq!(step["depends_on"], json!([build["key"]]));
     }
+}
+
+#[test]
+fn ephemera_sets_are_restored_before_the_script_and_persisted_only_after_success() {
+    let depot = Depot::with_git();
+    depot.write(
+        "cached/default.nix",
+        r#"{ depot, ... }:
+depot.nix.build.mkTarget {
+  name = "cached";
+  meta.ci.extraSteps.warm = {
+    command = depot.nix.build.writeScript "warm" ''
+      if [ -f cache-dir/state ]; then echo "hit $(cat cache-dir/state)" >> "$EXTRA_STEP_LOG"; else echo miss >> "$EXTRA_STEP_LOG"; fi
+      mkdir -p cache-dir
+      echo "$RUN" > cache-dir/state
+      [ -z "''${FAIL:-}" ]
+    '';
+    ephemera = [ { name = "cache"; paths = [ "cache-dir" ]; keyFiles = [ "cached/key.txt" ]; } ];
+  };
+}
+"#,
+    );
+    depot.write("cached/key.txt", "v1\n");
+    let ignore = std::fs::read_to_string(depot.path(".gitignore")).unwrap_or_default();
+    depot.write(".gitignore", &format!("{ignore}/cache-dir\n"));
+    commit(&depot, "cached target");
+    let (_, chunks) = pipeline(&depot, "pipeline", &[]);
+    let command = command_of(find(&chunks, ":gear: warm (from cached)").1).to_owned();
+    assert!(
+        command.contains("$${DRVKITE:-drvkite} ephemera restore"),
+        "{command}"
+    );
+
+    let store = tempfile::tempdir().unwrap();
+    let log = depot.out("warm.log");
+    let bin = env!("CARGO_BIN_EXE_drvkite");
+    // Each run is a fresh job of the same pull request on a pristine checkout.
+    let run = |n: &str, fail: bool| {
+        let _ = std::fs::remove_dir_all(depot.path("cache-dir"));
+        let mut cmd = step_command(&depot, &command, &log);
+        cmd.env("DRVKITE", bin)
+            .env("DRVKITE_EPHEMERA_STORE", store.path())
+            .env("BUILDKITE_ORGANIZATION_SLUG", "acme")
+            .env("BUILDKITE_PIPELINE_SLUG", "depot")
+            .env("BUILDKITE_REPO", "git@github.com:acme/depot.git")
+            .env("BUILDKITE_PIPELINE_DEFAULT_BRANCH", "main")
+            .env("BUILDKITE_BRANCH", "feature")
+            .env("BUILDKITE_PULL_REQUEST", "7")
+            .env(
+                "BUILDKITE_PULL_REQUEST_REPO",
+                "https://github.com/acme/depot",
+            )
+            .env("BUILDKITE_BUILD_NUMBER", n)
+            .env("BUILDKITE_BUILD_ID", format!("build-{n}"))
+            .env("BUILDKITE_JOB_ID", format!("job-{n}"))
+            .env("RUN", n);
+        if fail {
+            cmd.env("FAIL", "1");
+            let out = cmd.output().unwrap();
+            assert!(!out.status.success(), "the failing script passed");
+        } else {
+            ok(&mut cmd);
+        }
+        assert_clean(&depot);
+    };
+    run("1", true);
+    run("2", false);
+    run("3", false);
+    depot.write("cached/key.txt", "v2\n");
+    commit(&depot, "new key");
+    run("4", false);
+    // Run 1 failed: nothing persisted, so run 2 missed; run 3 restored
+    // run 2's cache; a changed key file starts afresh.
+    assert_eq!(log_lines(&log), ["miss", "miss", "hit 2", "miss"]);
 }

@@ -10,6 +10,7 @@ use sha1::{Digest, Sha1};
 
 use super::command::{Fallback, build_command, build_command_with, escape_interpolation, sh_quote};
 use super::{ParentStep, Settings};
+use crate::ephemera::steps::{EphemeraSet, step_commands_with};
 use crate::eval::{RawExtraStep, Target};
 use crate::types::DrvPath;
 
@@ -52,7 +53,14 @@ pub struct ExtraStep {
     pub phase: String,
     pub skip: Value,
     pub agents: Option<Value>,
+    /// Caches restored before the script and persisted after it succeeds.
+    pub ephemera: Vec<EphemeraSet>,
 }
+
+/// How generated steps call drvkite for ephemera: `$DRVKITE` when the
+/// agent sets it (e.g. `nix run …#drvkite --`, hence unquoted), else from
+/// PATH. Written with `$$` as Buildkite's interpolation needs.
+const DRVKITE_ON_AGENT: &str = "$${DRVKITE:-drvkite}";
 
 fn context(name: &str, label: &str, parent: &Target) -> String {
     let shown = if label.is_empty() { name } else { label };
@@ -232,8 +240,19 @@ pub fn validate(raw: &RawExtraStep, parent: &Target, settings: &Settings) -> Res
             ),
         },
     };
+    let ephemera = match v.get("ephemera") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(list) => serde_json::from_value::<Vec<EphemeraSet>>(list.clone()).map_err(|e| {
+            anyhow::anyhow!(
+                "{ctx}: 'ephemera' must be a list of sets like [ {{ name = \"cargo\"; paths = [ \"~/.cargo/registry\" ]; keyFiles = [ \"Cargo.lock\" ]; }} ] ({e})"
+            )
+        })?,
+    };
+    // Checks names, duplicates and paths now rather than on the agent.
+    step_commands_with(DRVKITE_ON_AGENT, &ephemera).map_err(|e| anyhow::anyhow!("{ctx}: {e:#}"))?;
     Ok(ExtraStep {
         name,
+        ephemera,
         script,
         script_outputs,
         needs_output: as_bool(v.get("needsOutput"), "needsOutput", &ctx)?,
@@ -284,9 +303,10 @@ pub fn out_links(step: &ExtraStep, parent: &Target) -> Vec<String> {
     links
 }
 
-/// The step's shell script: build the parent first when asked, then build
-/// the command script (lazily: only now, on the agent) and exec it.
-fn script_body(step: &ExtraStep, parent: &Target, settings: &Settings) -> String {
+/// The step's command, escaped for Buildkite: build the parent first when
+/// asked, then build the command script (lazily: only now, on the agent)
+/// and run it, between restoring and persisting its ephemera sets.
+fn step_command(step: &ExtraStep, parent: &Target, settings: &Settings) -> Result<String> {
     let mut lines = vec!["set -ueo pipefail".to_owned()];
     if step.needs_output {
         lines.push(format!(
@@ -321,9 +341,22 @@ fn script_body(step: &ExtraStep, parent: &Target, settings: &Settings) -> String
         &settings.out_link(SCRIPT_LINK),
     );
     lines.push(format!("command_script=\"$({build})\""));
-    lines.push("echo '+++ Running extra step script'".to_owned());
-    lines.push("exec \"$command_script\"".to_owned());
-    lines.join("\n") + "\n"
+    if step.ephemera.is_empty() {
+        lines.push("echo '+++ Running extra step script'".to_owned());
+        lines.push("exec \"$command_script\"".to_owned());
+        return Ok(escape_interpolation(&(lines.join("\n") + "\n")));
+    }
+    // No exec: the persist lines must run after the script. Under `set -e`
+    // a failing script ends the job before them, so nothing is persisted.
+    let (restore, persist) = step_commands_with(DRVKITE_ON_AGENT, &step.ephemera)?;
+    lines.push("echo '--- Restoring ephemera'".to_owned());
+    let mut command = escape_interpolation(&(lines.join("\n") + "\n"));
+    command.push_str(&restore);
+    command.push_str(&escape_interpolation(
+        "echo '+++ Running extra step script'\n\"$command_script\"\n",
+    ));
+    command.push_str(&persist);
+    Ok(command)
 }
 
 /// The step's skip: `alwaysRun` wins, then its own `skip`, then the
@@ -379,7 +412,7 @@ pub fn render(
         s.insert("depends_on".into(), json!(depends_on));
         s.insert(
             "command".into(),
-            json!(escape_interpolation(&script_body(&step, parent, settings))),
+            json!(step_command(&step, parent, settings)?),
         );
         s.insert("soft_fail".into(), step.soft_fail.clone());
         for (k, v) in &settings.default_step_overrides {
