@@ -219,15 +219,7 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     }
     let write_started = std::time::Instant::now();
     let files = crate::pipeline::write(&generated, &eval.drvmap(), &args.out, settings.chunk_size)?;
-    let rendering = generated_at - evaluated - rooting - generated.graph_duration;
-    eprintln!(
-        "drvkite: stage times: evaluation {:.2}s, GC roots {:.2}s, graph analysis {:.2}s, rendering {:.2}s, writing {:.2}s",
-        eval.duration.as_secs_f64(),
-        rooting.as_secs_f64(),
-        generated.graph_duration.as_secs_f64(),
-        rendering.as_secs_f64(),
-        write_started.elapsed().as_secs_f64()
-    );
+    let writing = write_started.elapsed();
     let s = &generated.summary;
     eprintln!(
         "wrote {}: {} chunk files; {} targets, {} changed, {} unchanged, {} extra steps, {} broken; evaluation {:.1}s",
@@ -246,6 +238,15 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
             b.label, b.error
         );
     }
+    let rendering = generated_at - evaluated - rooting - generated.graph_duration;
+    eprintln!(
+        "drvkite: stage times: evaluation {:.2}s, GC roots {:.2}s, graph analysis {:.2}s, rendering {:.2}s, writing {:.2}s",
+        eval.duration.as_secs_f64(),
+        rooting.as_secs_f64(),
+        generated.graph_duration.as_secs_f64(),
+        rendering.as_secs_f64(),
+        writing.as_secs_f64()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -329,9 +329,12 @@ impl Progress {
         }
     }
 
+    /// Clear a terminal's progress line; elsewhere, end with the totals.
     fn finish(&self) {
         if self.tty {
             eprint!("\r\x1b[K");
+        } else {
+            self.show();
         }
     }
 }
@@ -630,7 +633,7 @@ impl Schedule<'_> {
     fn broken(&mut self, key: Vec<u32>, header: RawHeader, error: String) -> Result<()> {
         if self.fail_on_error {
             bail!(
-                "target {} of depot {} failed to evaluate: {error} (drop --fail-on-eval-error to build the other targets)",
+                "target {} of depot {} failed to evaluate: {error}",
                 header.label,
                 self.runner.depot
             );
@@ -860,6 +863,11 @@ impl Evaluator {
             let _ = t.await;
         }
         if let Some(p) = &self.runner.progress {
+            // Traces count what evaluated; broken targets are done too.
+            if let Ok(e) = &result {
+                p.done
+                    .store(e.targets.len() + e.broken.len(), Ordering::Relaxed);
+            }
             p.finish();
         }
         let mut eval = result?;
@@ -1018,6 +1026,28 @@ pub fn trim_nix_error(stderr: &str, internal_dir: &std::path::Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(ByteSize::parse("2G").unwrap().bytes, 2 << 30);
+        assert_eq!(ByteSize::parse("500M").unwrap().bytes, 500 << 20);
+        assert_eq!(ByteSize::parse("1536k").unwrap().bytes, 1536 << 10);
+        assert_eq!(ByteSize::parse("3GiB").unwrap().bytes, 3 << 30);
+        assert_eq!(ByteSize::parse("4194304").unwrap().bytes, 4 << 20);
+        assert_eq!(ByteSize::parse("2G").unwrap().to_string(), "2G");
+        for bad in ["", "G", "2X", "-1G", "1.5G", "10K"] {
+            assert!(ByteSize::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn drops_the_show_trace_hint() {
+        let stderr = "error: thrown on purpose\n(use '--show-trace' to show detailed location information)\n";
+        assert_eq!(
+            trim_nix_error(stderr, std::path::Path::new("/tmp/drvkite-nix-x")),
+            "thrown on purpose"
+        );
+    }
 
     #[test]
     fn trims_nix_errors_to_one_line() {
