@@ -126,7 +126,7 @@ pub struct PipelineArgs {
     #[arg(long, env = "DRVKITE_FAIL_ON_EVAL_ERROR")]
     pub fail_on_eval_error: bool,
     /// Number of nix-instantiate processes evaluating slices of the target
-    /// list at once (default: 2, or 1 on a single-core machine).
+    /// list at once (default 1: each more costs about as much memory again).
     #[arg(long, env = "DRVKITE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: Option<u16>,
     /// Most memory each nix-instantiate process may use, e.g. 2G or 500M; a
