@@ -1044,6 +1044,34 @@ mod tests {
     }
 
     #[test]
+    fn reads_resident_memory() {
+        let rss = rss_bytes("/proc/self/status").expect("Linux has /proc");
+        assert!(rss > 1 << 20, "{rss}");
+        assert_eq!(rss_bytes("/proc/no-such-process/status"), None);
+    }
+
+    #[test]
+    fn recognises_death_by_memory() {
+        use std::os::unix::process::ExitStatusExt;
+        let exit1 = std::process::ExitStatus::from_raw(1 << 8);
+        let killed = std::process::ExitStatus::from_raw(9);
+        let aborted = std::process::ExitStatus::from_raw(6);
+        assert!(died_of_memory(exit1, "out of memory", ""));
+        assert!(!died_of_memory(
+            exit1,
+            "attribute 'x' missing",
+            "Out of Memory"
+        ));
+        assert!(died_of_memory(killed, "", ""));
+        assert!(died_of_memory(
+            aborted,
+            "",
+            "GC Warning: Out of Memory! Heap size: 3 MiB"
+        ));
+        assert!(!died_of_memory(aborted, "", "assertion failed"));
+    }
+
+    #[test]
     fn drops_the_show_trace_hint() {
         let stderr = "error: thrown on purpose\n(use '--show-trace' to show detailed location information)\n";
         assert_eq!(
