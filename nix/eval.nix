@@ -21,6 +21,9 @@
   catchErrors ? true,
   # JSON list of names: the attribute path of the depot's pipeline settings.
   settingsAttrJSON ? ''["ci","drvkite"]'',
+  # Print `trace: drvkite:total N` once and `trace: drvkite:done` after
+  # each target, which drvkite reads live from stderr to show progress.
+  progress ? false,
 }:
 
 let
@@ -179,24 +182,33 @@ let
       };
       forced = seq (builtins.toJSON full) full;
       caught = tryEval forced;
+      result =
+        if mode == "labels" then
+          base
+        else if !catchErrors then
+          forced
+        else if caught.success then
+          caught.value
+        else
+          base // { failed = true; };
     in
-    if mode == "labels" then
-      base
-    else if !catchErrors then
-      forced
-    else if caught.success then
-      caught.value
-    else
-      base // { failed = true; };
+    # Forcing `result` evaluates the target first, so the trace follows it.
+    if progress && mode != "labels" then builtins.trace "drvkite:done" result else result;
 
   settingsPath = foldl' (acc: n: if acc != null && isAttrs acc && hasAttr n acc then getAttr n acc else null) depot settingsAttr;
 in
 {
   inherit total hasCiTargets;
-  targets = map record selected;
+  targets =
+    if progress then
+      builtins.trace "drvkite:total ${toString total}" (map record selected)
+    else
+      map record selected;
   # A settings file in the depot gets readTree's markers: not settings.
+  # Labels mode has them too: a shard that fails is listed in that mode,
+  # and broken settings must then fail the run rather than the targets.
   settings =
-    if shardIndex == 0 && mode == "full" && settingsPath != null then
+    if shardIndex == 0 && settingsPath != null then
       plain (
         if isAttrs settingsPath then
           removeAttrs settingsPath [

@@ -125,6 +125,22 @@ pub struct PipelineArgs {
     /// failing step.
     #[arg(long, env = "DRVKITE_FAIL_ON_EVAL_ERROR")]
     pub fail_on_eval_error: bool,
+    /// Number of nix-instantiate processes evaluating slices of the target
+    /// list at once (default 1: each more costs about as much memory again).
+    #[arg(long, env = "DRVKITE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: Option<u16>,
+    /// Most memory each nix-instantiate process may use, e.g. 2G or 500M; a
+    /// slice that needs more is split and evaluated again (default: no bound).
+    #[arg(long, env = "DRVKITE_MAX_MEMORY", value_parser = crate::eval::ByteSize::parse)]
+    pub max_memory: Option<crate::eval::ByteSize>,
+    /// Folder holding a GC root (one link, replaced on each run) for every
+    /// .drv the evaluation wrote, so a garbage collection before the build
+    /// steps does not delete them.
+    #[arg(long, env = "DRVKITE_GC_ROOTS_DIR")]
+    pub gc_roots_dir: Option<Utf8PathBuf>,
+    /// Show evaluation progress on stderr even when it is not a terminal.
+    #[arg(long, env = "DRVKITE_PROGRESS")]
+    pub progress: bool,
 }
 
 fn parse_json_flag<T: serde::de::DeserializeOwned>(
@@ -162,8 +178,21 @@ impl PipelineArgs {
 async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     let flags = args.overrides()?;
     let settings_attr: Vec<String> = args.settings_attr.split('.').map(str::to_owned).collect();
-    let evaluator = Evaluator::new(Nix::locate()?, &args.depot, settings_attr)?;
+    let tuning = crate::eval::Tuning {
+        workers: args
+            .workers
+            .map_or_else(crate::eval::default_workers, usize::from),
+        max_memory: args.max_memory.clone(),
+        progress: args.progress || std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let evaluator =
+        Evaluator::new(Nix::locate()?, &args.depot, settings_attr)?.with_tuning(&tuning);
     let eval = evaluator.evaluate(args.fail_on_eval_error).await?;
+    let evaluated = std::time::Instant::now();
+    if let Some(dir) = &args.gc_roots_dir {
+        evaluator.register_gc_roots(&eval, dir).await?;
+    }
+    let rooting = evaluated.elapsed();
     let mut settings = Settings::default();
     if let Some(depot_settings) = &eval.settings {
         settings = settings.apply(Overrides::from_depot(depot_settings, &args.settings_attr)?);
@@ -180,6 +209,7 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
         (None, None) => "no parent map given: building every target".to_owned(),
     };
     let generated = crate::pipeline::generate(&eval, &parent, &detail, &settings)?;
+    let generated_at = std::time::Instant::now();
     let links = checkout::out_links(&eval, &settings);
     if let Checked::Skipped(why) = checkout::ensure_ignored(&args.depot, &links, &settings)? {
         eprintln!(
@@ -187,7 +217,9 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
             links.iter().cloned().collect::<Vec<_>>().join(", ")
         );
     }
+    let write_started = std::time::Instant::now();
     let files = crate::pipeline::write(&generated, &eval.drvmap(), &args.out, settings.chunk_size)?;
+    let writing = write_started.elapsed();
     let s = &generated.summary;
     eprintln!(
         "wrote {}: {} chunk files; {} targets, {} changed, {} unchanged, {} extra steps, {} broken; evaluation {:.1}s",
@@ -206,6 +238,15 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
             b.label, b.error
         );
     }
+    let rendering = generated_at - evaluated - rooting - generated.graph_duration;
+    eprintln!(
+        "drvkite: stage times: evaluation {:.2}s, GC roots {:.2}s, graph analysis {:.2}s, rendering {:.2}s, writing {:.2}s",
+        eval.duration.as_secs_f64(),
+        rooting.as_secs_f64(),
+        generated.graph_duration.as_secs_f64(),
+        rendering.as_secs_f64(),
+        writing.as_secs_f64()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

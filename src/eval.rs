@@ -2,14 +2,20 @@
 //! depot's targets and write their `.drv` files to the store, building
 //! nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use camino::{Utf8Path, Utf8PathBuf};
 use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+use tokio::process::ChildStderr;
+use tokio::task::JoinSet;
 
 use crate::drvmap::{DrvMap, Entry};
 use crate::types::{AttrPath, DrvPath, Label};
@@ -94,6 +100,21 @@ pub struct Evaluation {
 }
 
 impl Evaluation {
+    /// Every .drv the evaluation wrote that steps build: targets,
+    /// extra-step commands and parent overrides.
+    pub fn drv_paths(&self) -> BTreeSet<&DrvPath> {
+        let mut all = BTreeSet::new();
+        for t in &self.targets {
+            all.insert(&t.drv_path);
+            for s in t.extra_steps.values() {
+                for c in [&s.command, &s.parent_override].into_iter().flatten() {
+                    all.extend(c.drv_path.as_ref());
+                }
+            }
+        }
+        all
+    }
+
     pub fn drvmap(&self) -> DrvMap {
         DrvMap::from_entries(self.targets.iter().map(|t| {
             (
@@ -126,6 +147,93 @@ impl EvalOptions {
     }
 }
 
+/// A size in bytes, as `--max-memory` takes it: `2G`, `500M`, `64K` or a
+/// plain number of bytes (binary units: 1K = 1024).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ByteSize {
+    pub bytes: u64,
+    /// As the user wrote it, for messages.
+    text: String,
+}
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let upper = t.to_ascii_uppercase();
+        let upper = upper
+            .strip_suffix("IB")
+            .or_else(|| upper.strip_suffix('B'))
+            .unwrap_or(&upper);
+        let (digits, unit) = match upper.char_indices().last() {
+            Some((i, c)) if c.is_ascii_alphabetic() => (&upper[..i], Some(c)),
+            _ => (upper, None),
+        };
+        let shift = match unit {
+            None => 0,
+            Some('K') => 10,
+            Some('M') => 20,
+            Some('G') => 30,
+            Some('T') => 40,
+            Some(_) => return Err(format!("{s}: unknown unit (use K, M, G or T, e.g. 2G)")),
+        };
+        let n: u64 = digits
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s} is not a size (e.g. 2G, 500M)"))?;
+        let bytes = n
+            .checked_mul(1 << shift)
+            .filter(|b| *b >= 1 << 20)
+            .ok_or_else(|| format!("{s} is out of range (at least 1M)"))?;
+        Ok(ByteSize {
+            bytes,
+            text: t.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        ByteSize::parse(s)
+    }
+}
+
+/// One process by default. Every worker imports the whole depot again
+/// (readTree reads every file to find the targets) and re-evaluates what
+/// targets share: on a 4,000-target depot that listing is about a third
+/// of a full evaluation's CPU time, so two workers on an idle 2-core agent
+/// save roughly a quarter of the wall time but use about 1.7 times the
+/// memory of one (measured: 150 MB summed against 94 MB). Memory is what
+/// TVL's generator ran out of, so more workers are opt-in (`--workers`).
+pub fn default_workers() -> usize {
+    1
+}
+
+/// How an evaluation runs: how many processes, how much memory each may
+/// use, and whether to show progress.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    pub workers: usize,
+    pub max_memory: Option<ByteSize>,
+    pub progress: bool,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            workers: default_workers(),
+            max_memory: None,
+            progress: false,
+        }
+    }
+}
+
 /// What one `nix-instantiate` run is asked for.
 #[derive(Debug, Clone)]
 struct Request {
@@ -141,7 +249,7 @@ struct RawOutput {
     settings: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawHeader {
     label: Label,
@@ -164,11 +272,8 @@ impl Expression {
         std::fs::create_dir(dir.path().join("readTree"))?;
         std::fs::write(dir.path().join("eval.nix"), EVAL_NIX)?;
         std::fs::write(dir.path().join("readTree/default.nix"), READTREE_NIX)?;
+        std::fs::write(dir.path().join("gc-roots.nix"), GC_ROOTS_NIX)?;
         Ok(Expression { dir })
-    }
-
-    fn eval_file(&self) -> PathBuf {
-        self.dir.path().join("eval.nix")
     }
 }
 
@@ -185,30 +290,79 @@ pub fn check_depot(depot: &Utf8Path) -> Result<Utf8PathBuf> {
     Ok(abs)
 }
 
-pub struct Evaluator {
-    nix: Nix,
-    expr: Expression,
-    depot: Utf8PathBuf,
-    settings_attr: Vec<String>,
+/// How one `nix-instantiate` run ended.
+#[derive(Debug)]
+enum Outcome {
+    Done(RawOutput),
+    /// Killed for exceeding `--max-memory`, or Nix itself ran out.
+    OutOfMemory,
+    /// An error `tryEval` could not catch, trimmed to one line.
+    Failed(String),
 }
 
-impl Evaluator {
-    pub fn new(nix: Nix, depot: &Utf8Path, settings_attr: Vec<String>) -> Result<Self> {
-        Ok(Evaluator {
-            nix,
-            expr: Expression::unpack()?,
-            depot: check_depot(depot)?,
-            settings_attr,
-        })
+/// Live progress, fed by the `trace: drvkite:…` lines of every child.
+struct Progress {
+    done: AtomicUsize,
+    total: AtomicUsize,
+    started: Instant,
+    tty: bool,
+}
+
+impl Progress {
+    fn line(&self) -> String {
+        let done = self.done.load(Ordering::Relaxed);
+        let total = self.total.load(Ordering::Relaxed);
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let of = if total > 0 {
+            format!("{}/{total}", done.min(total))
+        } else {
+            done.to_string()
+        };
+        format!(
+            "drvkite: evaluating: {of} targets, {:.0}/s",
+            done as f64 / secs
+        )
     }
 
-    async fn run(&self, req: &Request) -> Result<RawOutput, NixError> {
-        let mut cmd = tokio::process::Command::new(&self.nix.instantiate);
+    fn show(&self) {
+        if self.tty {
+            eprint!("\r\x1b[K{}", self.line());
+        } else {
+            eprintln!("{}", self.line());
+        }
+    }
+
+    /// Clear a terminal's progress line; elsewhere, end with the totals.
+    fn finish(&self) {
+        if self.tty {
+            eprint!("\r\x1b[K");
+        } else {
+            self.show();
+        }
+    }
+}
+
+/// Everything a worker needs to run `nix-instantiate`, shared by the tasks.
+struct Runner {
+    instantiate: PathBuf,
+    internal_dir: PathBuf,
+    depot: Utf8PathBuf,
+    settings_attr: Vec<String>,
+    max_memory: Option<ByteSize>,
+    progress: Option<Arc<Progress>>,
+}
+
+/// Most stderr text kept per child: the error is at its end.
+const STDERR_KEEP: usize = 1 << 20;
+
+impl Runner {
+    fn command(&self, req: &Request) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.instantiate);
         cmd.arg("--eval")
             .arg("--strict")
             .arg("--json")
             .arg("--read-write-mode")
-            .arg(self.expr.eval_file())
+            .arg(self.internal_dir.join("eval.nix"))
             .arg("--argstr")
             .arg("depotPathStr")
             .arg(self.depot.as_str())
@@ -232,23 +386,434 @@ impl Evaluator {
                 .arg("onlyLabelsJSON")
                 .arg(serde_json::to_string(only).expect("labels serialise"));
         }
+        if self.progress.is_some() {
+            cmd.arg("--arg").arg("progress").arg("true");
+        }
+        if let Some(max) = &self.max_memory {
+            // Boehm's heap is most of the process but not all of it (parse
+            // trees, symbols and C++ strings live outside): capping it makes
+            // Nix collect garbage before it nears the bound, and fail with
+            // "out of memory" when live data alone is too much. The RSS
+            // watch below enforces the bound for everything else.
+            let heap = max.bytes - (max.bytes / 4).min(128 << 20);
+            cmd.env("GC_MAXIMUM_HEAP_SIZE", heap.to_string());
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let out = cmd
-            .output()
-            .await
-            .map_err(|e| NixError::Spawn(e.to_string()))?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            return Err(NixError::Failed(trim_nix_error(
-                &stderr,
-                self.expr.dir.path(),
-            )));
+        cmd
+    }
+
+    async fn run(&self, req: &Request) -> Result<Outcome> {
+        let mut child = self.command(req).spawn().with_context(|| {
+            format!(
+                "cannot run {}: check the Nix installation",
+                self.instantiate.display()
+            )
+        })?;
+        let pid = child.id();
+        let mut stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let traced = AtomicUsize::new(0);
+        let read_stdout = async {
+            let mut buf = Vec::new();
+            stdout.read_to_end(&mut buf).await.map(|_| buf)
+        };
+        let finished = tokio::select! {
+            (out, err) = async { tokio::join!(read_stdout, self.read_stderr(stderr, &traced)) } => Some((out, err)),
+            () = self.watch_memory(pid) => None,
+        };
+        let outcome = match finished {
+            None => {
+                // Over the bound: it has not exited, so the pid is still its.
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                Outcome::OutOfMemory
+            }
+            Some((out, err)) => {
+                let status = child
+                    .wait()
+                    .await
+                    .context("lost track of a nix-instantiate process")?;
+                let out = out.context("cannot read nix-instantiate's output")?;
+                if status.success() {
+                    let raw = serde_json::from_slice(&out).map_err(|e| {
+                        anyhow!("unexpected output from drvkite's Nix expression: {e}")
+                    })?;
+                    Outcome::Done(raw)
+                } else {
+                    let message = trim_nix_error(&err, &self.internal_dir);
+                    if died_of_memory(status, &message, &err) {
+                        Outcome::OutOfMemory
+                    } else {
+                        Outcome::Failed(message)
+                    }
+                }
+            }
+        };
+        if let (Some(p), false) = (&self.progress, matches!(outcome, Outcome::Done(_))) {
+            // Targets of a failed run are evaluated again: do not count twice.
+            p.done
+                .fetch_sub(traced.load(Ordering::Relaxed), Ordering::Relaxed);
         }
-        serde_json::from_slice(&out.stdout)
-            .map_err(|e| NixError::Failed(format!("unexpected output from nix-instantiate: {e}")))
+        Ok(outcome)
+    }
+
+    /// Read a child's stderr as it comes: progress traces are counted, the
+    /// rest is kept (its tail) for the error message.
+    async fn read_stderr(&self, stderr: ChildStderr, traced: &AtomicUsize) -> String {
+        let mut reader = tokio::io::BufReader::new(stderr);
+        let mut line = Vec::new();
+        let mut text = String::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let s = String::from_utf8_lossy(&line);
+            match s.trim_end().strip_prefix("trace: drvkite:") {
+                Some("done") => {
+                    traced.fetch_add(1, Ordering::Relaxed);
+                    if let Some(p) = &self.progress {
+                        p.done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Some(rest) if rest.starts_with("total ") => {
+                    if let (Some(p), Ok(n)) = (&self.progress, rest[6..].parse()) {
+                        p.total.fetch_max(n, Ordering::Relaxed);
+                    }
+                }
+                _ => {
+                    if text.len() > STDERR_KEEP {
+                        let cut = text.len() - STDERR_KEEP / 2;
+                        let cut = (cut..text.len())
+                            .find(|i| text.is_char_boundary(*i))
+                            .unwrap_or(text.len());
+                        text.drain(..cut);
+                    }
+                    text.push_str(&s);
+                }
+            }
+        }
+        text
+    }
+
+    /// Resolve when the child's resident memory exceeds `--max-memory`;
+    /// never without a bound (or without /proc).
+    async fn watch_memory(&self, pid: Option<u32>) {
+        let (Some(max), Some(pid)) = (&self.max_memory, pid) else {
+            return std::future::pending().await;
+        };
+        let status = format!("/proc/{pid}/status");
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if rss_bytes(&status).is_some_and(|rss| rss > max.bytes) {
+                return;
+            }
+        }
+    }
+
+    fn memory_message(&self) -> String {
+        match &self.max_memory {
+            Some(max) => format!(
+                "evaluating it alone needs more memory than --max-memory {max} allows: raise --max-memory or make the target cheaper to evaluate"
+            ),
+            None => "nix-instantiate ran out of memory evaluating it alone: give the machine more memory or make the target cheaper to evaluate".to_owned(),
+        }
+    }
+}
+
+/// VmRSS from /proc/<pid>/status, in bytes.
+fn rss_bytes(status_file: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(status_file).ok()?;
+    let kb = text
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Nix reports an exhausted (or capped) heap as "error: out of memory";
+/// Boehm may abort instead, and the kernel's OOM killer sends SIGKILL.
+fn died_of_memory(status: std::process::ExitStatus, message: &str, stderr: &str) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    message == "out of memory"
+        || status.signal() == Some(9)
+        || (status.signal().is_some() && stderr.contains("Out of Memory"))
+}
+
+/// A slice of the target list to evaluate. `key` orders results: the
+/// top-level shards are 0..n, the halves of an item extend its key with
+/// 0 and 1, and records within an item extend it with their index, so
+/// sorting by key gives the full target-list order whatever the split.
+#[derive(Debug, Clone)]
+struct Item {
+    key: Vec<u32>,
+    shard: (usize, usize),
+    /// The item's targets, once listed: its runs select them by label.
+    headers: Option<Vec<RawHeader>>,
+}
+
+impl Item {
+    fn child(&self, n: usize) -> Vec<u32> {
+        let mut key = self.key.clone();
+        key.push(n as u32);
+        key
+    }
+}
+
+#[derive(Debug)]
+enum Job {
+    /// Evaluate an item in full, catching what tryEval catches.
+    Eval(Item),
+    /// List an item whose full evaluation failed (`cause`, `None` for
+    /// memory) to split it.
+    List(Item, Option<String>),
+    /// Evaluate one target tryEval caught, uncaught, to get Nix's message.
+    Explain(Item, Vec<u32>, RawHeader),
+}
+
+impl Job {
+    fn request(&self) -> Request {
+        match self {
+            Job::Eval(item) => Request {
+                shard: item.shard,
+                only: item.headers.as_ref().map(|h| labels_of(h)),
+                labels_only: false,
+                catch_errors: true,
+            },
+            Job::List(item, _) => Request {
+                shard: item.shard,
+                only: None,
+                labels_only: true,
+                catch_errors: true,
+            },
+            Job::Explain(item, _, header) => Request {
+                shard: item.shard,
+                only: Some(vec![header.label.clone()]),
+                labels_only: false,
+                catch_errors: false,
+            },
+        }
+    }
+}
+
+/// The distinct labels of some targets, in order.
+fn labels_of(headers: &[RawHeader]) -> Vec<Label> {
+    let mut seen = std::collections::HashSet::new();
+    headers
+        .iter()
+        .filter(|h| seen.insert(h.label.clone()))
+        .map(|h| h.label.clone())
+        .collect()
+}
+
+enum Found {
+    Target(Box<Target>),
+    Broken(BrokenTarget),
+}
+
+/// The state of one evaluation: jobs to run and what they found.
+struct Schedule<'a> {
+    runner: &'a Runner,
+    fail_on_error: bool,
+    queue: VecDeque<Job>,
+    found: Vec<(Vec<u32>, Found)>,
+    settings: Option<serde_json::Value>,
+}
+
+impl Schedule<'_> {
+    fn depot_error(&self, message: &str) -> anyhow::Error {
+        anyhow!("evaluating depot {} failed: {message}", self.runner.depot)
+    }
+
+    fn broken(&mut self, key: Vec<u32>, header: RawHeader, error: String) -> Result<()> {
+        if self.fail_on_error {
+            bail!(
+                "target {} of depot {} failed to evaluate: {error}",
+                header.label,
+                self.runner.depot
+            );
+        }
+        self.found.push((
+            key,
+            Found::Broken(BrokenTarget {
+                label: header.label,
+                attr_path: header.attr_path,
+                error,
+            }),
+        ));
+        Ok(())
+    }
+
+    fn target(&mut self, key: Vec<u32>, value: serde_json::Value, label: &Label) -> Result<()> {
+        let target: Target = serde_json::from_value(value).with_context(|| {
+            format!("unexpected record for target {label} from drvkite's Nix expression")
+        })?;
+        self.found.push((key, Found::Target(Box::new(target))));
+        Ok(())
+    }
+
+    fn headers(values: &[serde_json::Value]) -> Result<Vec<RawHeader>> {
+        values
+            .iter()
+            .map(|v| {
+                RawHeader::deserialize(v)
+                    .context("unexpected target record from drvkite's Nix expression")
+            })
+            .collect()
+    }
+
+    fn keep_settings(&mut self, item: &Item, raw: &mut RawOutput) {
+        if item.shard.0 == 0 && self.settings.is_none() {
+            self.settings = raw.settings.take();
+        }
+    }
+
+    /// An item whose targets are known failed (`cause`; `None`: memory):
+    /// one label left is the culprit, more are split in halves.
+    fn narrow(&mut self, item: Item, headers: Vec<RawHeader>, cause: Option<String>) -> Result<()> {
+        let labels = labels_of(&headers);
+        if labels.len() <= 1 {
+            let error = cause.unwrap_or_else(|| self.runner.memory_message());
+            for (i, h) in headers.into_iter().enumerate() {
+                self.broken(item.child(i), h, error.clone())?;
+            }
+            return Ok(());
+        }
+        let first: std::collections::HashSet<&Label> = labels[..labels.len() / 2].iter().collect();
+        let (a, b): (Vec<RawHeader>, Vec<RawHeader>) = headers
+            .iter()
+            .cloned()
+            .partition(|h| first.contains(&h.label));
+        for (n, half) in [a, b].into_iter().enumerate() {
+            self.queue.push_back(Job::Eval(Item {
+                key: item.child(n),
+                shard: item.shard,
+                headers: Some(half),
+            }));
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, job: Job, outcome: Outcome) -> Result<()> {
+        match (job, outcome) {
+            (Job::Eval(item), Outcome::Done(mut raw)) => {
+                self.keep_settings(&item, &mut raw);
+                for (i, value) in raw.targets.into_iter().enumerate() {
+                    let header = RawHeader::deserialize(&value)
+                        .context("unexpected target record from drvkite's Nix expression")?;
+                    if header.failed {
+                        // tryEval says that it failed, not why.
+                        self.queue
+                            .push_back(Job::Explain(item.clone(), item.child(i), header));
+                    } else {
+                        self.target(item.child(i), value, &header.label)?;
+                    }
+                }
+            }
+            (Job::Eval(item), failure) => {
+                let cause = match failure {
+                    Outcome::Failed(message) => Some(message),
+                    _ => None,
+                };
+                match item.headers.clone() {
+                    Some(headers) => self.narrow(item, headers, cause)?,
+                    None => self.queue.push_back(Job::List(item, cause)),
+                }
+            }
+            (Job::List(item, cause), Outcome::Done(mut raw)) => {
+                self.keep_settings(&item, &mut raw);
+                let headers = Self::headers(&raw.targets)?;
+                if headers.is_empty() {
+                    // Failed without targets: the failure is the depot's.
+                    return Err(self.depot_error(
+                        cause
+                            .as_deref()
+                            .unwrap_or("nix-instantiate ran out of memory"),
+                    ));
+                }
+                self.narrow(item, headers, cause)?;
+            }
+            (Job::List(..), Outcome::Failed(message)) => return Err(self.depot_error(&message)),
+            (Job::List(..), Outcome::OutOfMemory) => {
+                return Err(match &self.runner.max_memory {
+                    Some(max) => anyhow!(
+                        "evaluating depot {} needs more memory than --max-memory {max} allows just to list its targets: raise --max-memory",
+                        self.runner.depot
+                    ),
+                    None => {
+                        self.depot_error("nix-instantiate ran out of memory listing the targets")
+                    }
+                });
+            }
+            (Job::Explain(_, key, header), Outcome::Done(raw)) => {
+                match raw.targets.into_iter().next() {
+                    // Fine when evaluated alone: a healthy target after all.
+                    Some(value) => self.target(key, value, &header.label)?,
+                    None => self.broken(
+                        key,
+                        header,
+                        "evaluation failed (Nix gave no message)".to_owned(),
+                    )?,
+                }
+            }
+            (Job::Explain(_, key, header), Outcome::Failed(message)) => {
+                self.broken(key, header, message)?
+            }
+            (Job::Explain(_, key, header), Outcome::OutOfMemory) => {
+                let message = self.runner.memory_message();
+                self.broken(key, header, message)?
+            }
+        }
+        Ok(())
+    }
+}
+
+pub struct Evaluator {
+    expr: Expression,
+    runner: Arc<Runner>,
+    workers: usize,
+}
+
+impl Evaluator {
+    pub fn new(nix: Nix, depot: &Utf8Path, settings_attr: Vec<String>) -> Result<Self> {
+        let expr = Expression::unpack()?;
+        let runner = Runner {
+            instantiate: nix.instantiate,
+            internal_dir: expr.dir.path().to_owned(),
+            depot: check_depot(depot)?,
+            settings_attr,
+            max_memory: None,
+            progress: None,
+        };
+        Ok(Evaluator {
+            expr,
+            runner: Arc::new(runner),
+            workers: default_workers(),
+        })
+    }
+
+    /// Set the number of processes, their memory bound and progress.
+    pub fn with_tuning(mut self, tuning: &Tuning) -> Self {
+        let runner = Arc::get_mut(&mut self.runner).expect("runner not shared yet");
+        runner.max_memory = tuning.max_memory.clone();
+        runner.progress = tuning.progress.then(|| {
+            Arc::new(Progress {
+                done: AtomicUsize::new(0),
+                total: AtomicUsize::new(0),
+                started: Instant::now(),
+                tty: std::io::stderr().is_terminal(),
+            })
+        });
+        self.workers = tuning.workers.max(1);
+        self
     }
 
     /// Evaluate the one target with this label.
@@ -259,94 +824,164 @@ impl Evaluator {
             labels_only: false,
             catch_errors: false,
         };
-        let raw = self
-            .run(&req)
-            .await
-            .map_err(|e| e.into_anyhow(&self.depot))?;
+        let raw = match self.runner.run(&req).await? {
+            Outcome::Done(raw) => raw,
+            Outcome::Failed(message) => {
+                bail!("evaluating depot {} failed: {message}", self.runner.depot)
+            }
+            Outcome::OutOfMemory => bail!(
+                "evaluating {label} in depot {} failed: {}",
+                self.runner.depot,
+                self.runner.memory_message()
+            ),
+        };
         let value = raw.targets.into_iter().next().with_context(|| {
             format!(
                 "depot {} has no target {label}: check the label (e.g. tools/foo or tools/foo:sub)",
-                self.depot
+                self.runner.depot
             )
         })?;
         serde_json::from_value(value)
             .context("unexpected target record from drvkite's Nix expression")
     }
 
-    /// Evaluate every target of the depot.
+    /// Evaluate every target of the depot in `workers` processes, each on a
+    /// slice of the target list. A target that fails to evaluate becomes a
+    /// broken target (or, with `fail_on_error`, fails the run); the order
+    /// of the result is the target list's, whatever the number of workers.
     pub async fn evaluate(&self, fail_on_error: bool) -> Result<Evaluation> {
         let started = Instant::now();
-        let req = Request {
-            shard: (0, 1),
-            only: None,
-            labels_only: false,
-            catch_errors: !fail_on_error,
-        };
-        let raw = self
-            .run(&req)
-            .await
-            .map_err(|e| e.into_anyhow(&self.depot))?;
-        let mut eval = Evaluation {
-            settings: raw.settings,
-            ..Default::default()
-        };
-        let mut failed = Vec::new();
-        for value in raw.targets {
-            let header: RawHeader = serde_json::from_value(value.clone())
-                .context("unexpected target record from drvkite's Nix expression")?;
-            if header.failed {
-                failed.push(header);
-                continue;
+        let ticker = self.runner.progress.clone().map(|p| {
+            tokio::spawn(async move {
+                let every = Duration::from_millis(if p.tty { 200 } else { 5000 });
+                loop {
+                    tokio::time::sleep(every).await;
+                    p.show();
+                }
+            })
+        });
+        let result = self.schedule(fail_on_error).await;
+        if let Some(t) = ticker {
+            t.abort();
+            let _ = t.await;
+        }
+        if let Some(p) = &self.runner.progress {
+            // Traces count what evaluated; broken targets are done too.
+            if let Ok(e) = &result {
+                p.done
+                    .store(e.targets.len() + e.broken.len(), Ordering::Relaxed);
             }
-            let target: Target = serde_json::from_value(value).with_context(|| {
-                format!(
-                    "unexpected record for target {} from drvkite's Nix expression",
-                    header.label
-                )
-            })?;
-            eval.targets.push(target);
+            p.finish();
         }
-        // tryEval says that a target failed, not why: evaluate each failed
-        // target alone without it to get Nix's message.
-        for header in failed {
-            let req = Request {
-                shard: (0, 1),
-                only: Some(vec![header.label.clone()]),
-                labels_only: false,
-                catch_errors: false,
-            };
-            let error = match self.run(&req).await {
-                Err(NixError::Failed(msg)) => msg,
-                Err(e) => return Err(e.into_anyhow(&self.depot)),
-                Ok(_) => "evaluation failed (Nix gave no message)".to_owned(),
-            };
-            eval.broken.push(BrokenTarget {
-                label: header.label,
-                attr_path: header.attr_path,
-                error,
-            });
-        }
+        let mut eval = result?;
         eval.duration = started.elapsed();
         Ok(eval)
     }
-}
 
-#[derive(Debug)]
-enum NixError {
-    Spawn(String),
-    Failed(String),
-}
-
-impl NixError {
-    fn into_anyhow(self, depot: &Utf8Path) -> anyhow::Error {
-        match self {
-            NixError::Spawn(e) => anyhow::anyhow!("cannot run nix-instantiate: {e}"),
-            NixError::Failed(e) => {
-                anyhow::anyhow!("evaluating depot {depot} failed: {e}")
+    async fn schedule(&self, fail_on_error: bool) -> Result<Evaluation> {
+        let n = self.workers;
+        let mut s = Schedule {
+            runner: &self.runner,
+            fail_on_error,
+            queue: (0..n)
+                .map(|i| {
+                    Job::Eval(Item {
+                        key: vec![i as u32],
+                        shard: (i, n),
+                        headers: None,
+                    })
+                })
+                .collect(),
+            found: Vec::new(),
+            settings: None,
+        };
+        // Dropping the set (on error) kills the children still running.
+        let mut running = JoinSet::new();
+        loop {
+            while running.len() < n {
+                let Some(job) = s.queue.pop_front() else {
+                    break;
+                };
+                let runner = Arc::clone(&self.runner);
+                running.spawn(async move {
+                    let outcome = runner.run(&job.request()).await;
+                    (job, outcome)
+                });
+            }
+            let Some(joined) = running.join_next().await else {
+                break;
+            };
+            let (job, outcome) = joined.context("an evaluation task failed")?;
+            s.handle(job, outcome?)?;
+        }
+        s.found.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut eval = Evaluation {
+            settings: s.settings,
+            ..Default::default()
+        };
+        for (_, f) in s.found {
+            match f {
+                Found::Target(t) => eval.targets.push(*t),
+                Found::Broken(b) => eval.broken.push(b),
             }
         }
+        Ok(eval)
+    }
+
+    /// Make every instantiated .drv (targets, extra-step commands and
+    /// parent overrides) a GC root through one link, `<dir>/drvkite-drvs`,
+    /// replaced on each run. The link points at a .drv that lists all of
+    /// them as inputs: rooting it keeps them, and the previous run's roots
+    /// become collectable. Nix registers the link as an indirect root
+    /// itself (as `nix-store --add-root --indirect` does), and writes it
+    /// in one rename; nothing is built.
+    pub async fn register_gc_roots(&self, eval: &Evaluation, dir: &Utf8Path) -> Result<usize> {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!("cannot create --gc-roots-dir {dir}: check the path and permissions")
+        })?;
+        let dir = dir
+            .canonicalize_utf8()
+            .with_context(|| format!("cannot resolve --gc-roots-dir {dir}"))?;
+        let drvs: Vec<&str> = eval.drv_paths().into_iter().map(DrvPath::as_str).collect();
+        let list = self.expr.dir.path().join("gc-roots.json");
+        std::fs::write(&list, serde_json::to_vec(&drvs)?)
+            .context("cannot write the list of GC roots to a temporary file")?;
+        let link = dir.join("drvkite-drvs");
+        let out = tokio::process::Command::new(&self.runner.instantiate)
+            .arg(self.expr.dir.path().join("gc-roots.nix"))
+            .arg("--argstr")
+            .arg("listFile")
+            .arg(&list)
+            .arg("--add-root")
+            .arg(link.as_str())
+            .arg("--indirect")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("cannot run nix-instantiate to register GC roots")?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            bail!(
+                "cannot register GC roots in --gc-roots-dir {dir}: {}",
+                trim_nix_error(&stderr, self.expr.dir.path())
+            );
+        }
+        Ok(drvs.len())
     }
 }
+
+/// One derivation with every .drv of a run as input sources: the single
+/// thing `register_gc_roots` roots. `storePath` turns each path back into a
+/// store reference (the JSON list has none) and fails on a missing one.
+const GC_ROOTS_NIX: &str = r#"{ listFile }:
+derivation {
+  name = "drvkite-gc-roots";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo this derivation only holds GC roots; do not build it; exit 1" ];
+  drvs = map builtins.storePath (builtins.fromJSON (builtins.readFile listFile));
+}
+"#;
 
 /// Reduce Nix's multi-line error report to one line: the `error:` message
 /// and the first location in the user's files (drvkite's own are noise).
@@ -376,6 +1011,7 @@ pub fn trim_nix_error(stderr: &str, internal_dir: &std::path::Path) -> String {
             .iter()
             .map(|l| l.trim())
             .take_while(|t| !t.is_empty() && !t.starts_with("at "))
+            .filter(|t| !t.starts_with("(use '--show-trace'"))
             .map(str::to_owned),
     );
     let location = lines[start + 1..]
@@ -393,6 +1029,56 @@ pub fn trim_nix_error(stderr: &str, internal_dir: &std::path::Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(ByteSize::parse("2G").unwrap().bytes, 2 << 30);
+        assert_eq!(ByteSize::parse("500M").unwrap().bytes, 500 << 20);
+        assert_eq!(ByteSize::parse("1536k").unwrap().bytes, 1536 << 10);
+        assert_eq!(ByteSize::parse("3GiB").unwrap().bytes, 3 << 30);
+        assert_eq!(ByteSize::parse("4194304").unwrap().bytes, 4 << 20);
+        assert_eq!(ByteSize::parse("2G").unwrap().to_string(), "2G");
+        for bad in ["", "G", "2X", "-1G", "1.5G", "10K"] {
+            assert!(ByteSize::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn reads_resident_memory() {
+        let rss = rss_bytes("/proc/self/status").expect("Linux has /proc");
+        assert!(rss > 1 << 20, "{rss}");
+        assert_eq!(rss_bytes("/proc/no-such-process/status"), None);
+    }
+
+    #[test]
+    fn recognises_death_by_memory() {
+        use std::os::unix::process::ExitStatusExt;
+        let exit1 = std::process::ExitStatus::from_raw(1 << 8);
+        let killed = std::process::ExitStatus::from_raw(9);
+        let aborted = std::process::ExitStatus::from_raw(6);
+        assert!(died_of_memory(exit1, "out of memory", ""));
+        assert!(!died_of_memory(
+            exit1,
+            "attribute 'x' missing",
+            "Out of Memory"
+        ));
+        assert!(died_of_memory(killed, "", ""));
+        assert!(died_of_memory(
+            aborted,
+            "",
+            "GC Warning: Out of Memory! Heap size: 3 MiB"
+        ));
+        assert!(!died_of_memory(aborted, "", "assertion failed"));
+    }
+
+    #[test]
+    fn drops_the_show_trace_hint() {
+        let stderr = "error: thrown on purpose\n(use '--show-trace' to show detailed location information)\n";
+        assert_eq!(
+            trim_nix_error(stderr, std::path::Path::new("/tmp/drvkite-nix-x")),
+            "thrown on purpose"
+        );
+    }
 
     #[test]
     fn trims_nix_errors_to_one_line() {

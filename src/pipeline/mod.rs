@@ -100,6 +100,8 @@ pub struct ParentStep {
 pub struct Pipeline {
     pub phases: Vec<(String, Vec<Value>)>,
     pub summary: Summary,
+    /// Time spent reading and analysing the derivation graph.
+    pub graph_duration: std::time::Duration,
 }
 
 #[derive(Debug, Serialize)]
@@ -262,6 +264,7 @@ pub fn generate(
         .filter(|u| !u.skip)
         .map(|u| u.target.drv_path.clone())
         .collect();
+    let graph_started = std::time::Instant::now();
     let deps = if build_enabled && !changed.is_empty() {
         let graph = DrvGraph::load(changed.iter().cloned())
             .context("cannot analyse the derivation graph")?;
@@ -269,6 +272,7 @@ pub fn generate(
     } else {
         HashMap::new()
     };
+    let graph_duration = graph_started.elapsed();
 
     let mut phase_steps: BTreeMap<&str, Vec<Value>> =
         enabled.iter().map(|p| (*p, Vec::new())).collect();
@@ -314,7 +318,11 @@ pub fn generate(
         .collect();
 
     let summary = summarise(eval, parent, parent_detail, &units, extra_count, &phases);
-    Ok(Pipeline { phases, summary })
+    Ok(Pipeline {
+        phases,
+        summary,
+        graph_duration,
+    })
 }
 
 fn summarise(
