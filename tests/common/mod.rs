@@ -227,3 +227,22 @@ pub fn build_step<'a>(steps: &'a [serde_json::Value], label: &str) -> &'a serde_
         })
         .unwrap_or_else(|| panic!("no build step for {label}"))
 }
+
+/// `s` as a Nix string literal: `"`, `\` and every `$` escaped (so no
+/// `${` can interpolate), line breaks and tabs as escapes, the rest as is.
+pub fn nix_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '$' => out.push_str("\\$"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
