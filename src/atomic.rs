@@ -171,6 +171,9 @@ impl StagedDir {
     }
 
     pub fn write(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        // Held while writing, so a signal's cleanup does not race a file
+        // being created in the folder it removes.
+        let _held = pending();
         let path = self.path().join(name);
         let mut f = std::fs::File::create(&path).with_context(|| format!("cannot write {path}"))?;
         f.write_all(bytes)
@@ -183,16 +186,17 @@ impl StagedDir {
     /// elsewhere the old folder is moved aside first.
     pub fn commit(mut self) -> Result<()> {
         let target = self.target.clone();
-        let garbage = {
+        {
+            // Held until the previous folder is gone too: a signal's
+            // cleanup racing this removal could leave half of it behind.
             let mut held = pending();
             let garbage = self.swap_in(&mut held)?;
             self.done = true;
             held.retain(|p| p != &self.staging);
-            garbage
-        };
-        if let Some(g) = garbage {
-            let _ = std::fs::remove_dir_all(&g);
-            forget(&g);
+            if let Some(g) = garbage {
+                let _ = std::fs::remove_dir_all(&g);
+                held.retain(|p| p != &g);
+            }
         }
         // The new folder's entry in its parent must reach the disk too.
         if let Ok(parent) = std::fs::File::open(parent_of(&target)) {
