@@ -261,3 +261,63 @@ impl Drop for StagedDir {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
+    #[test]
+    fn stale_folders_of_dead_runs_go_and_moved_aside_folders_come_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Utf8Path::from_path(tmp.path()).unwrap();
+        let dead = dead_pid();
+        let stale = dir.join(format!("{STAGING_PREFIX}{dead}-abc"));
+        std::fs::create_dir(&stale).unwrap();
+        std::fs::write(stale.join("half.json"), "{").unwrap();
+        let aside = dir.join(format!("{OLD_PREFIX}{dead}-def"));
+        std::fs::create_dir_all(aside.join("pipeline")).unwrap();
+        std::fs::write(aside.join("pipeline/manifest.json"), "old").unwrap();
+        // Another run's folders, still in use: not touched.
+        let live = dir.join(format!("{STAGING_PREFIX}1-ghi"));
+        let own = dir.join(format!("{STAGING_PREFIX}{}-jkl", std::process::id()));
+        std::fs::create_dir(&live).unwrap();
+        std::fs::create_dir(&own).unwrap();
+
+        clean_stale(dir);
+        assert!(!stale.exists() && !aside.exists());
+        assert_eq!(
+            std::fs::read_to_string(dir.join("pipeline/manifest.json")).unwrap(),
+            "old"
+        );
+        assert!(live.exists() && own.exists());
+    }
+
+    #[test]
+    fn commit_replaces_the_folder_and_leaves_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Utf8Path::from_path(tmp.path()).unwrap();
+        let target = dir.join("out");
+        for content in ["one", "two"] {
+            let staged = StagedDir::new(&target).unwrap();
+            staged.write("f", content.as_bytes()).unwrap();
+            staged.commit().unwrap();
+            assert_eq!(std::fs::read_to_string(target.join("f")).unwrap(), content);
+        }
+        let dropped = StagedDir::new(&target).unwrap();
+        dropped.write("f", b"three").unwrap();
+        drop(dropped);
+        let names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["out"]);
+        assert!(!pending().iter().any(|p| p.starts_with(dir)));
+    }
+}
