@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use common::schema::read_pipeline;
@@ -241,10 +241,10 @@ fn fail_on_eval_error_is_all_or_nothing() {
     // An earlier pipeline stays as it was.
     let healthy = Depot::new();
     let earlier = pipeline(&healthy, &[]);
-    let before = snapshot(&earlier);
+    let before = files_of(&earlier);
     let res = run_pipeline(&depot, &earlier, &["--fail-on-eval-error"]);
     assert_eq!(res.status.code(), Some(1));
-    assert_eq!(snapshot(&earlier), before);
+    assert_eq!(files_of(&earlier), before);
     // The environment variable does the same.
     let res = drvkite()
         .env("DRVKITE_FAIL_ON_EVAL_ERROR", "true")
@@ -257,20 +257,6 @@ fn fail_on_eval_error_is_all_or_nothing() {
         .unwrap();
     assert_eq!(res.status.code(), Some(1), "{}", stderr(&res));
     assert!(!out.exists());
-}
-
-/// Every file of a folder with its bytes.
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut files: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let p = e.unwrap().path();
-            let bytes = std::fs::read(&p).unwrap();
-            (p, bytes)
-        })
-        .collect();
-    files.sort();
-    files
 }
 
 /// The example pipeline's generating step, run by bash with a stand-in

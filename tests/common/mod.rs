@@ -246,3 +246,34 @@ pub fn nix_string(s: &str) -> String {
     out.push('"');
     out
 }
+
+/// The single `drvkite: …` stderr line of a failed run.
+pub fn one_line_failure(out: &Output) -> String {
+    assert!(!out.status.success(), "unexpectedly succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr}"
+    );
+    assert!(stderr.starts_with("drvkite: "), "{stderr}");
+    stderr
+}
+
+/// Every file below `dir` (relative path) with its bytes.
+pub fn files_of(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_owned();
+                files.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    files
+}
