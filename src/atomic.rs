@@ -124,6 +124,25 @@ fn clean_stale(dir: &Utf8Path) {
     }
 }
 
+/// Fail now if `target` could not be staged in its parent folder (when
+/// that exists). The probe is named like a staging folder, so one left by
+/// a killed run is cleaned up like one.
+pub fn check_writable(target: &Utf8Path) -> Result<()> {
+    let dir = parent_of(target);
+    if dir.is_dir() {
+        install_handler();
+        // Created and removed with the lock held: a signal never finds it.
+        let _held = pending();
+        tempfile::Builder::new()
+            .prefix(&format!("{STAGING_PREFIX}{}-", std::process::id()))
+            .tempdir_in(dir)
+            .with_context(|| {
+                format!("cannot write into {dir}: is it writable? (needed for {target})")
+            })?;
+    }
+    Ok(())
+}
+
 /// A folder being filled in a temporary sibling of its final place. Dropped
 /// without `commit`, it leaves nothing behind.
 pub struct StagedDir {

@@ -39,7 +39,9 @@ pub enum Command {
         out: Utf8PathBuf,
     },
     /// Evaluate the depot and write the Buildkite pipeline: chunk files, a
-    /// manifest, a summary and the derivation map.
+    /// manifest, a summary and the derivation map. Exits with status 3 when
+    /// it wrote the pipeline but some targets failed to evaluate (their
+    /// steps fail the build).
     Pipeline(PipelineArgs),
     /// Compare two derivation maps: added, removed and changed labels.
     Diff {
@@ -166,6 +168,7 @@ pub const EXIT_BROKEN_TARGETS: u8 = 3;
 
 async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     let flags = args.overrides()?;
+    crate::pipeline::check_output(&args.out)?;
     let settings_attr: Vec<String> = args.settings_attr.split('.').map(str::to_owned).collect();
     let evaluator = Evaluator::new(Nix::locate()?, &args.depot, settings_attr)?;
     let eval = evaluator.evaluate(args.fail_on_eval_error).await?;

@@ -211,6 +211,15 @@ fn an_output_folder_that_cannot_be_written_is_one_line_and_touches_nothing() {
         "{err}"
     );
     assert_eq!(files_of(&depot.root), before);
+    // Checked before the evaluation, which may take long: even without Nix
+    // the answer is about the folder.
+    let err = one_line_failure(
+        &pipeline_cmd(&depot.root, &depot.root)
+            .env("PATH", "/nonexistent")
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("holds files but no manifest.json"), "{err}");
     // A folder nobody may write into, root included.
     let err = one_line_failure(
         &pipeline_cmd(&depot.root, Path::new("/proc/drvkite-pipeline"))

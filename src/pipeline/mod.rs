@@ -508,6 +508,18 @@ fn chunk_name(phase: &str, n: usize, count: usize) -> String {
     format!("{phase}-chunk-{n:0width$}.json")
 }
 
+/// Check before the (long) evaluation that the output folder can be
+/// written, so a mistake fails at once; `write` checks again.
+pub fn check_output(out: &Utf8Path) -> Result<()> {
+    if out.exists() && !out.is_dir() {
+        anyhow::bail!(
+            "cannot write the folder {out}: a file of that name is in the way; remove it or choose another output folder"
+        );
+    }
+    refuse_foreign_folder(out)?;
+    crate::atomic::check_writable(out)
+}
+
 /// The output folder is replaced as a whole: refuse to replace one that
 /// drvkite did not write (a mistyped `--out .` must not take the checkout).
 fn refuse_foreign_folder(out: &Utf8Path) -> Result<()> {
