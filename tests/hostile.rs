@@ -333,3 +333,35 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
         ]
     })
 }
+
+#[test]
+fn a_line_break_in_a_label_keeps_the_error_on_one_line() {
+    let depot = Depot::new();
+    depot.write(
+        "tools/nl.nix",
+        r#"{ depot, ... }:
+depot.nix.readTree.drvTargets {
+  "line\nbreak" = depot.nix.build.mkTarget {
+    name = "nl";
+    meta.ci.extraSteps.ask = { prompt = "Sure?"; command = depot.nix.build.writeScript "s" "true"; };
+  };
+}
+"#,
+    );
+    let out = depot.out("pipeline");
+    let err = one_line_failure(
+        &drvkite()
+            .arg("pipeline")
+            .arg("--depot")
+            .arg(&depot.root)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        err.contains(r"(from tools/nl:line\nbreak): 'prompt' cannot be used in the build phase"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
