@@ -203,13 +203,17 @@ impl StagedDir {
     /// Put the folder in place: a reader sees the old folder or the new.
     /// Where the file system can, the two are exchanged in one step;
     /// elsewhere the old folder is moved aside first.
-    pub fn commit(mut self) -> Result<()> {
+    pub fn commit(self) -> Result<()> {
+        self.commit_with(true)
+    }
+
+    fn commit_with(mut self, exchange: bool) -> Result<()> {
         let target = self.target.clone();
         {
             // Held until the previous folder is gone too: a signal's
             // cleanup racing this removal could leave half of it behind.
             let mut held = pending();
-            let garbage = self.swap_in(&mut held)?;
+            let garbage = self.swap_in(&mut held, exchange)?;
             self.done = true;
             held.retain(|p| p != &self.staging);
             if let Some(g) = garbage {
@@ -226,7 +230,7 @@ impl StagedDir {
 
     /// The renames, with the lock held; returns what to remove afterwards
     /// (registered, so a signal removes it too).
-    fn swap_in(&self, held: &mut Vec<Utf8PathBuf>) -> Result<Option<Utf8PathBuf>> {
+    fn swap_in(&self, held: &mut Vec<Utf8PathBuf>, exchange: bool) -> Result<Option<Utf8PathBuf>> {
         let target = &self.target;
         if !target.exists() {
             std::fs::rename(&self.staging, target)
@@ -234,13 +238,18 @@ impl StagedDir {
             return Ok(None);
         }
         use rustix::fs::{CWD, RenameFlags, renameat_with};
-        match renameat_with(
-            CWD,
-            self.staging.as_std_path(),
-            CWD,
-            target.as_std_path(),
-            RenameFlags::EXCHANGE,
-        ) {
+        let exchanged = if !exchange {
+            Err(rustix::io::Errno::NOSYS)
+        } else {
+            renameat_with(
+                CWD,
+                self.staging.as_std_path(),
+                CWD,
+                target.as_std_path(),
+                RenameFlags::EXCHANGE,
+            )
+        };
+        match exchanged {
             // The staging path now holds the previous folder.
             Ok(()) => return Ok(Some(self.staging.clone())),
             Err(e)
@@ -323,14 +332,16 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = Utf8Path::from_path(tmp.path()).unwrap();
         let target = dir.join("out");
-        for content in ["one", "two"] {
+        // Exchanged in one step, and (where the file system cannot) moved
+        // aside first.
+        for (content, exchange) in [("one", true), ("two", true), ("three", false)] {
             let staged = StagedDir::new(&target).unwrap();
             staged.write("f", content.as_bytes()).unwrap();
-            staged.commit().unwrap();
+            staged.commit_with(exchange).unwrap();
             assert_eq!(std::fs::read_to_string(target.join("f")).unwrap(), content);
         }
         let dropped = StagedDir::new(&target).unwrap();
-        dropped.write("f", b"three").unwrap();
+        dropped.write("f", b"four").unwrap();
         drop(dropped);
         let names: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
