@@ -80,8 +80,19 @@ fn check_batch(dir: &str, names: &[String]) {
         } else {
             nix_string(&format!("target {i}"))
         };
+        // The second target has an extra step named and labelled after
+        // the next names.
+        let meta = if i == 1 {
+            format!(
+                "meta.ci.extraSteps.{} = {{ label = {}; command = depot.nix.build.writeScript \"x\" \"echo ran >> \\\"\\$EXTRA_STEP_LOG\\\"\\n\"; }};",
+                nix_string(&names[2 % names.len()]),
+                nix_string(&names[3 % names.len()])
+            )
+        } else {
+            String::new()
+        };
         text.push_str(&format!(
-            "  {} = depot.nix.build.mkTarget {{ name = \"h{i}\"; text = {value}; }};\n",
+            "  {} = depot.nix.build.mkTarget {{ name = \"h{i}\"; text = {value}; {meta} }};\n",
             nix_string(n)
         ));
     }
@@ -149,6 +160,30 @@ fn check_batch(dir: &str, names: &[String]) {
             "{label:?}"
         );
     }
+
+    // The extra step runs its script, once.
+    let want = format!(
+        ":gear: {} (from hostile/{dir}:{})",
+        names[3 % names.len()],
+        names[1]
+    );
+    let extra = phases(&out)
+        .into_iter()
+        .flat_map(|(_, steps)| steps)
+        .find(|s| s["label"].as_str().map(uninterpolate).as_deref() == Some(want.as_str()))
+        .unwrap_or_else(|| panic!("no extra step {want:?}"));
+    let log = depot.out("extra.log");
+    let res = run_step(
+        &depot.root,
+        extra["command"].as_str().unwrap(),
+        &[("EXTRA_STEP_LOG", log.to_str().unwrap())],
+    );
+    assert!(
+        res.status.success(),
+        "{want:?}: {}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "ran\n");
 
     // The broken one: its step prints the error as it is, and fails.
     let broken = format!("hostile/{dir}:{}", names[0]);
