@@ -59,7 +59,7 @@ fn reserved(name: &str) -> bool {
 fn batch() -> impl Strategy<Value = (String, Vec<String>)> {
     let dir = prop::collection::vec(fragment(), 1..4)
         .prop_map(|parts| format!("d{}", parts.concat().replace('/', "_")));
-    let names = prop::collection::btree_set(name(), 10..14)
+    let names = prop::collection::btree_set(name(), 16..22)
         .prop_map(|set| set.into_iter().filter(|n| !reserved(n)).collect::<Vec<_>>());
     (dir, names).prop_filter("needs a broken and a healthy name", |(_, n)| n.len() >= 2)
 }
