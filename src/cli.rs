@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use camino::Utf8PathBuf;
 use clap::{Parser, Subcommand};
 
@@ -39,7 +39,9 @@ pub enum Command {
         out: Utf8PathBuf,
     },
     /// Evaluate the depot and write the Buildkite pipeline: chunk files, a
-    /// manifest, a summary and the derivation map.
+    /// manifest, a summary and the derivation map. Exits with status 3 when
+    /// it wrote the pipeline but some targets failed to evaluate (their
+    /// steps fail the build).
     Pipeline(PipelineArgs),
     /// Compare two derivation maps: added, removed and changed labels.
     Diff {
@@ -175,8 +177,14 @@ impl PipelineArgs {
     }
 }
 
+/// `drvkite pipeline`'s exit status when it wrote the pipeline but some
+/// targets failed to evaluate: the generating step can soft-fail on it
+/// while the broken targets' own steps fail the build.
+pub const EXIT_BROKEN_TARGETS: u8 = 3;
+
 async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     let flags = args.overrides()?;
+    crate::pipeline::check_output(&args.out)?;
     let settings_attr: Vec<String> = args.settings_attr.split('.').map(str::to_owned).collect();
     let tuning = crate::eval::Tuning {
         workers: args
@@ -188,6 +196,12 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     let evaluator =
         Evaluator::new(Nix::locate()?, &args.depot, settings_attr)?.with_tuning(&tuning);
     let eval = evaluator.evaluate(args.fail_on_eval_error).await?;
+    if eval.targets.is_empty() && eval.broken.is_empty() {
+        bail!(
+            "depot {} has no CI targets (its ci.targets is missing or empty and readTree found no derivation to gather): check --depot, or give the depot targets; nothing was written",
+            args.depot
+        );
+    }
     let evaluated = std::time::Instant::now();
     if let Some(dir) = &args.gc_roots_dir {
         evaluator.register_gc_roots(&eval, dir).await?;
@@ -199,7 +213,10 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     }
     let settings = settings.apply(flags);
     settings.validate()?;
-    let (parent, warning) = ParentMap::load(args.parent_map.as_deref());
+    let (mut parent, mut warning) = ParentMap::load(args.parent_map.as_deref());
+    if let (None, Some(path)) = (&warning, &args.parent_map) {
+        warning = parent.check_against(path, &eval);
+    }
     let detail = match (&warning, &args.parent_map) {
         (Some(w), _) => {
             eprintln!("drvkite: warning: {w}");
@@ -247,7 +264,15 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
         rendering.as_secs_f64(),
         writing.as_secs_f64()
     );
-    Ok(ExitCode::SUCCESS)
+    if eval.broken.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "drvkite: {} of {} targets failed to evaluate: each has a failing step in the pipeline; exiting with status {EXIT_BROKEN_TARGETS}",
+        eval.broken.len(),
+        eval.broken.len() + eval.targets.len()
+    );
+    Ok(ExitCode::from(EXIT_BROKEN_TARGETS))
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {

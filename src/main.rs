@@ -7,8 +7,10 @@ fn main() -> ExitCode {
     match drvkite::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            // One line: the error and its context chain.
-            eprintln!("drvkite: {e:#}");
+            // One line: the error and its context chain. A line break in
+            // a label or path would split it: shown escaped.
+            let line = format!("{e:#}").replace('\r', "\\r").replace('\n', "\\n");
+            eprintln!("drvkite: {line}");
             ExitCode::FAILURE
         }
     }

@@ -70,11 +70,17 @@ fn run(depot: &Depot, out: &str, args: &[&str]) -> (PathBuf, Output) {
         .arg(&out)
         .args(args);
     let res = cmd.output().expect("spawn drvkite");
+    let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(
-        res.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&res.stderr)
+        out.join("summary.json").is_file(),
+        "{cmd:?} failed: {stderr}"
     );
+    // Status 3: written, with broken targets (and only then).
+    let broken = read_json(&out.join("summary.json"))["broken"]
+        .as_array()
+        .is_some_and(|b| !b.is_empty());
+    let expected = if broken { 3 } else { 0 };
+    assert_eq!(res.status.code(), Some(expected), "{cmd:?}: {stderr}");
     (out, res)
 }
 

@@ -108,12 +108,23 @@ pub fn run(args: &AnnotateArgs) -> Result<()> {
 /// The annotation's Markdown.
 pub fn render(s: &Summary) -> String {
     let mut md = String::new();
+    let broken = if s.broken.is_empty() {
+        String::new()
+    } else {
+        format!(", {} failed to evaluate", s.broken.len())
+    };
     let _ = writeln!(
         md,
-        "#### drvkite: {} of {} targets to build\n",
+        "#### drvkite: {} of {} targets to build{broken}\n",
         s.changed.len(),
         s.targets
     );
+    if !s.broken.is_empty() {
+        let _ = writeln!(
+            md,
+            "Each target that failed to evaluate has a failing :x: step instead of its build step; its extra steps were not generated.\n"
+        );
+    }
     md.push_str("| targets | changed | unchanged | added | removed | extra steps | evaluation |\n");
     md.push_str("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     let _ = writeln!(

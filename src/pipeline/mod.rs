@@ -78,6 +78,29 @@ impl ParentMap {
         }
     }
 
+    /// Refuse a map that cannot be this depot's: it names targets, this
+    /// depot has targets, and not one label is in both (a map of another
+    /// depot, or of a depot so changed that nothing could be skipped).
+    /// Like any unusable map, it is a warning and everything is built.
+    pub fn check_against(&mut self, path: &Utf8Path, eval: &Evaluation) -> Option<String> {
+        let map = self.map.as_ref()?;
+        let mut ours = eval
+            .targets
+            .iter()
+            .map(|t| &t.label)
+            .chain(eval.broken.iter().map(|b| &b.label))
+            .peekable();
+        if map.is_empty() || ours.peek().is_none() || ours.any(|l| map.get(l).is_some()) {
+            return None;
+        }
+        let len = map.len();
+        self.map = None;
+        self.status = ParentStatus::Invalid;
+        Some(format!(
+            "ignoring the parent map {path}: none of its {len} labels is a target of this depot (is it another depot's map?); building every target"
+        ))
+    }
+
     fn unchanged(&self, label: &Label, drv: &DrvPath) -> bool {
         self.map
             .as_ref()
@@ -245,6 +268,48 @@ fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<St
     step
 }
 
+/// The key of a broken target's failing step: stable across builds, unique
+/// per label, needs no escaping, and cannot clash with `drv-` or
+/// `extra-step-` keys.
+pub fn broken_step_key(label: &Label) -> StepKey {
+    use sha1::{Digest, Sha1};
+    StepKey::new(format!(
+        "eval-error-{}",
+        hex::encode(Sha1::digest(label.as_str().as_bytes()))
+    ))
+}
+
+/// The step standing in for a target that failed to evaluate: it prints
+/// Nix's error and fails, so the build fails while every healthy target
+/// is still built.
+fn broken_step(b: &BrokenTarget, settings: &Settings) -> Map<String, Value> {
+    let lines = [
+        format!("{} failed to evaluate:", b.label),
+        format!("  {}", b.error),
+        "drvkite generated neither its build step nor its extra steps: fix the error above (nix-instantiate on the target shows it in full)".to_owned(),
+    ];
+    let quoted: Vec<String> = lines.iter().map(|l| command::sh_quote(l)).collect();
+    let script = format!("printf '%s\\n' {} >&2; exit 1", quoted.join(" "));
+    // Options such as `agents` apply; what makes it this step does not change.
+    let mut step = settings.default_step_overrides.clone();
+    step.insert(
+        "label".into(),
+        json!(command::escape_interpolation(&format!(
+            ":x: {} failed to evaluate",
+            b.label
+        ))),
+    );
+    step.insert("key".into(), json!(broken_step_key(&b.label)));
+    step.insert(
+        "command".into(),
+        json!(command::escape_interpolation(&script)),
+    );
+    step.insert("depends_on".into(), json!([settings.bootstrap_key]));
+    step.remove("skip");
+    step.remove("soft_fail");
+    step
+}
+
 /// Render the pipeline for an evaluation.
 pub fn generate(
     eval: &Evaluation,
@@ -306,6 +371,22 @@ pub fn generate(
             }
         }
     }
+    // A broken target fails the build where its build step would have
+    // been; with the build phase off, in the first phase generated.
+    let broken_phase = if build_enabled {
+        Some("build")
+    } else {
+        enabled.first().copied()
+    };
+    if let Some(list) = broken_phase.and_then(|p| phase_steps.get_mut(p)) {
+        let mut seen = HashSet::new();
+        let steps = eval
+            .broken
+            .iter()
+            .filter(|b| seen.insert(&b.label))
+            .map(|b| Value::Object(broken_step(b, settings)));
+        list.splice(0..0, steps);
+    }
     if let Some(list) = phase_steps.get_mut("build") {
         list.extend(settings.additional_steps.iter().cloned());
     }
@@ -343,6 +424,8 @@ fn summarise(
         }
     }
     let current: BTreeSet<&Label> = eval.targets.iter().map(|t| &t.label).collect();
+    // A broken target is still there, even though it is not in the map.
+    let broken: BTreeSet<&Label> = eval.broken.iter().map(|b| &b.label).collect();
     let (added, removed) = match &parent.map {
         Some(m) => (
             current
@@ -352,7 +435,7 @@ fn summarise(
                 .collect(),
             m.iter()
                 .map(|(l, _)| l)
-                .filter(|l| !current.contains(l))
+                .filter(|l| !current.contains(l) && !broken.contains(l))
                 .cloned()
                 .collect(),
         ),
@@ -433,6 +516,32 @@ fn chunk_name(phase: &str, n: usize, count: usize) -> String {
     format!("{phase}-chunk-{n:0width$}.json")
 }
 
+/// Check before the (long) evaluation that the output folder can be
+/// written, so a mistake fails at once; `write` checks again.
+pub fn check_output(out: &Utf8Path) -> Result<()> {
+    if out.exists() && !out.is_dir() {
+        anyhow::bail!(
+            "cannot write the folder {out}: a file of that name is in the way; remove it or choose another output folder"
+        );
+    }
+    refuse_foreign_folder(out)?;
+    crate::atomic::check_writable(out)
+}
+
+/// The output folder is replaced as a whole: refuse to replace one that
+/// drvkite did not write (a mistyped `--out .` must not take the checkout).
+fn refuse_foreign_folder(out: &Utf8Path) -> Result<()> {
+    let Ok(mut entries) = out.read_dir_utf8() else {
+        return Ok(());
+    };
+    if entries.next().is_some() && !out.join("manifest.json").is_file() {
+        anyhow::bail!(
+            "output folder {out} holds files but no manifest.json, so drvkite did not write it and will not replace it: choose another --out, or empty the folder"
+        );
+    }
+    Ok(())
+}
+
 /// Write the pipeline folder: chunks, manifest, summary and derivation
 /// map, all at once: a reader sees the previous folder or the new one.
 pub fn write(
@@ -441,6 +550,7 @@ pub fn write(
     out: &Utf8Path,
     chunk_size: usize,
 ) -> Result<Vec<String>> {
+    refuse_foreign_folder(out)?;
     let staged = crate::atomic::StagedDir::new(out)?;
     let mut files = Vec::new();
     let mut manifest = Manifest {

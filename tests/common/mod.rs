@@ -227,3 +227,53 @@ pub fn build_step<'a>(steps: &'a [serde_json::Value], label: &str) -> &'a serde_
         })
         .unwrap_or_else(|| panic!("no build step for {label}"))
 }
+
+/// `s` as a Nix string literal: `"`, `\` and every `$` escaped (so no
+/// `${` can interpolate), line breaks and tabs as escapes, the rest as is.
+pub fn nix_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '$' => out.push_str("\\$"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The single `drvkite: …` stderr line of a failed run.
+pub fn one_line_failure(out: &Output) -> String {
+    assert!(!out.status.success(), "unexpectedly succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr}"
+    );
+    assert!(stderr.starts_with("drvkite: "), "{stderr}");
+    stderr
+}
+
+/// Every file below `dir` (relative path) with its bytes.
+pub fn files_of(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_owned();
+                files.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    files
+}
