@@ -1,17 +1,17 @@
 //! `drvkite annotate`: a summary of the generated pipeline on the Buildkite
 //! build page (`buildkite-agent annotate`), from the folder's summary.json.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use anyhow::Result;
 use camino::{Utf8Path, Utf8PathBuf};
 use clap::Args;
-use serde::Deserialize;
 use serde_json::Value;
 
 use super::upload::{MANIFEST, Manifest};
 use super::{Agent, group, read_pipeline_json};
+use crate::pipeline::{ParentStatus, ParentSummary, Summary};
 
 /// Longer lists of targets are folded into `<details>`.
 const COLLAPSE_OVER: usize = 20;
@@ -33,37 +33,6 @@ pub struct AnnotateArgs {
     pub dry_run: bool,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Summary {
-    pub version: u32,
-    pub targets: usize,
-    pub changed: Vec<String>,
-    pub unchanged: usize,
-    pub added: Vec<String>,
-    pub removed: Vec<String>,
-    pub broken: Vec<Broken>,
-    pub extra_steps: usize,
-    pub steps: BTreeMap<String, usize>,
-    pub evaluation_seconds: f64,
-    pub parent_map: ParentMap,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct Broken {
-    pub label: String,
-    pub error: String,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ParentMap {
-    pub status: String,
-    #[serde(default)]
-    pub detail: String,
-    #[serde(default)]
-    pub source: Option<Value>,
-}
-
 impl Summary {
     pub fn load(dir: &Utf8Path) -> Result<Self> {
         // The manifest names the summary; without one, use the usual name.
@@ -80,7 +49,7 @@ impl Summary {
     pub fn style(&self) -> &'static str {
         if !self.broken.is_empty() {
             "error"
-        } else if self.parent_map.status == "invalid" {
+        } else if self.parent_map.status == ParentStatus::Invalid {
             "warning"
         } else {
             "info"
@@ -148,7 +117,7 @@ pub fn render(s: &Summary) -> String {
     }
     let _ = writeln!(md, "Parent map: {}\n", parent_map_line(&s.parent_map));
 
-    let added: BTreeSet<&str> = s.added.iter().map(String::as_str).collect();
+    let added: BTreeSet<&str> = s.added.iter().map(|l| l.as_str()).collect();
     let rows: Vec<Vec<String>> = s
         .changed
         .iter()
@@ -158,16 +127,16 @@ pub fn render(s: &Summary) -> String {
             } else {
                 "changed"
             };
-            vec![escape(l), kind.to_owned()]
+            vec![escape(l.as_str()), kind.to_owned()]
         })
         .collect();
     table(&mut md, "Changed targets", &["target", "change"], &rows);
-    let rows: Vec<Vec<String>> = s.removed.iter().map(|l| vec![escape(l)]).collect();
+    let rows: Vec<Vec<String>> = s.removed.iter().map(|l| vec![escape(l.as_str())]).collect();
     table(&mut md, "Removed targets", &["target"], &rows);
     let rows: Vec<Vec<String>> = s
         .broken
         .iter()
-        .map(|b| vec![escape(&b.label), escape(&shorten(&b.error))])
+        .map(|b| vec![escape(b.label.as_str()), escape(&shorten(&b.error))])
         .collect();
     table(&mut md, "Broken targets", &["target", "error"], &rows);
     md
@@ -210,14 +179,14 @@ fn table(md: &mut String, title: &str, head: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-fn parent_map_line(p: &ParentMap) -> String {
+fn parent_map_line(p: &ParentSummary) -> String {
     let detail = if p.detail.is_empty() {
         String::new()
     } else {
         format!(" ({})", escape(&shorten(&p.detail)))
     };
-    match p.status.as_str() {
-        "used" => {
+    match p.status {
+        ParentStatus::Used => {
             let from = p.source.as_ref().map(source_text).unwrap_or_default();
             if from.is_empty() {
                 format!("used{detail}.")
@@ -225,9 +194,8 @@ fn parent_map_line(p: &ParentMap) -> String {
                 format!("{from}{detail}.")
             }
         }
-        "none" => format!("none{detail}: every target is built."),
-        "invalid" => format!("**unusable**{detail}: every target is built."),
-        other => format!("{}{detail}.", escape(other)),
+        ParentStatus::None => format!("none{detail}: every target is built."),
+        ParentStatus::Invalid => format!("**unusable**{detail}: every target is built."),
     }
 }
 

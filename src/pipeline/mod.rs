@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use anyhow::{Context, Result};
 use camino::Utf8Path;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::drvmap::DrvMap;
@@ -31,7 +31,7 @@ pub struct ParentMap {
     pub source: Option<Value>,
 }
 
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ParentStatus {
     Used,
@@ -127,7 +127,8 @@ pub struct Pipeline {
     pub graph_duration: std::time::Duration,
 }
 
-#[derive(Debug, Serialize)]
+/// `summary.json`, which `drvkite annotate` reads back.
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Summary {
     pub version: u32,
@@ -143,16 +144,18 @@ pub struct Summary {
     pub parent_map: ParentSummary,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct BrokenSummary {
     pub label: Label,
     pub error: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ParentSummary {
     pub status: ParentStatus,
+    #[serde(default)]
     pub detail: String,
+    #[serde(default)]
     pub source: Option<Value>,
 }
 
