@@ -378,6 +378,10 @@ fn release_only_pipeline_has_no_build_steps() {
     assert_eq!(p[0].0, "release");
     validate_chunks_with(&out, &[]);
     assert!(!out.join("build-chunk-001.json").exists());
+    // The summary counts only the extra steps generated: the release ones.
+    let summary = read_json(&out.join("summary.json"));
+    assert_eq!(summary["extraSteps"], json!(p[0].1.len()));
+    assert!(!p[0].1.is_empty());
 }
 
 #[test]

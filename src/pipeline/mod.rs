@@ -367,8 +367,9 @@ pub fn generate(
                 },
             };
             for (phase, step) in extra::render(member, &parent_step, settings)? {
-                extra_count += 1;
+                // Counted only when generated: inactive phases are not.
                 if let Some(list) = phase_steps.get_mut(phase.as_str()) {
+                    extra_count += 1;
                     list.push(step);
                 }
             }
