@@ -385,22 +385,36 @@ fn job_weight(step: &Value) -> usize {
 
 /// Cut a phase's steps into chunks of at most `size` jobs each.
 pub fn chunk(steps: &[Value], size: usize) -> Vec<Vec<Value>> {
-    let mut chunks: Vec<Vec<Value>> = Vec::new();
-    let mut current = Vec::new();
+    chunk_ranges(steps, size)
+        .into_iter()
+        .map(|r| steps[r].to_vec())
+        .collect()
+}
+
+/// [`chunk`] as index ranges, so writing needs no copy of the steps.
+fn chunk_ranges(steps: &[Value], size: usize) -> Vec<std::ops::Range<usize>> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
     let mut weight = 0;
-    for step in steps {
+    for (i, step) in steps.iter().enumerate() {
         let w = job_weight(step);
-        if weight + w > size && !current.is_empty() {
-            chunks.push(std::mem::take(&mut current));
+        if weight + w > size && i > start {
+            chunks.push(start..i);
+            start = i;
             weight = 0;
         }
         weight += w;
-        current.push(step.clone());
     }
-    if !current.is_empty() {
-        chunks.push(current);
+    if start < steps.len() {
+        chunks.push(start..steps.len());
     }
     chunks
+}
+
+/// A chunk file: `{"steps": [...]}`.
+#[derive(Serialize)]
+struct ChunkFile<'a> {
+    steps: &'a [Value],
 }
 
 #[derive(Debug, Serialize)]
@@ -445,14 +459,14 @@ pub fn write(
         if steps.is_empty() {
             continue;
         }
-        let chunks = chunk(steps, chunk_size);
+        let chunks = chunk_ranges(steps, chunk_size);
         let mut names = Vec::new();
         for (i, c) in chunks.iter().enumerate() {
             let name = chunk_name(phase, i + 1, chunks.len());
-            staged.write(
-                &name,
-                serde_json::to_string(&json!({ "steps": c }))?.as_bytes(),
-            )?;
+            let file = ChunkFile {
+                steps: &steps[c.clone()],
+            };
+            staged.write(&name, &serde_json::to_vec(&file)?)?;
             names.push(name);
         }
         files.extend(names.iter().cloned());
