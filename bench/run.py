@@ -9,7 +9,7 @@ is in the store yet), then measure the floor (bench/floor.nix) and
 
 Every command runs once as a warm-up (which also writes the depot's .drv
 files to the store, so each measured run sees the same warm store) and then
-N times measured (default: 3 for sizes up to 2000, else 1); the table shows
+N times measured (default 3); the table shows
 the best measured wall time and, from that same run, the CPU time (user +
 system, whole process tree) and the peak RSS.
 """
@@ -81,7 +81,7 @@ def main():
             }
             if workers:
                 tools["drvkite --workers 2"] = tools["drvkite"] + ["--workers", "2"]
-            runs = args.runs or (3 if size <= 2000 else 1)
+            runs = args.runs or 3
             best = {}
             for name, cmd in tools.items():
                 measure(cmd)  # warm-up
