@@ -243,6 +243,62 @@ fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<St
     step
 }
 
+/// One unit's build step (when the build phase is on) and extra steps.
+type UnitSteps = (Option<Value>, Vec<(String, Value)>);
+
+fn render_unit(
+    unit: &BuildUnit,
+    deps: &HashMap<DrvPath, Vec<DrvPath>>,
+    build_enabled: bool,
+    settings: &Settings,
+) -> Result<UnitSteps> {
+    let t = unit.target;
+    let build = build_enabled.then(|| {
+        let d = deps.get(&t.drv_path).map(Vec::as_slice).unwrap_or(&[]);
+        Value::Object(build_step(unit, d, settings))
+    });
+    let mut extras = Vec::new();
+    for member in &unit.members {
+        let parent_step = ParentStep {
+            key: t.drv_path.step_key(),
+            label: member.label.clone(),
+            skip: if unit.skip {
+                json!(UNCHANGED)
+            } else {
+                json!(false)
+            },
+        };
+        extras.extend(extra::render(member, &parent_step, settings)?);
+    }
+    Ok((build, extras))
+}
+
+/// [`render_unit`] of every unit, in order. Units are independent, so a
+/// large depot's are rendered on every core (Nix is done by now).
+fn render_units(
+    units: &[BuildUnit],
+    deps: &HashMap<DrvPath, Vec<DrvPath>>,
+    build_enabled: bool,
+    settings: &Settings,
+) -> Vec<Result<UnitSteps>> {
+    let render = |u| render_unit(u, deps, build_enabled, settings);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    if threads < 2 || units.len() < 512 {
+        return units.iter().map(render).collect();
+    }
+    let per_thread = units.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = units
+            .chunks(per_thread)
+            .map(|part| scope.spawn(move || part.iter().map(render).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a rendering thread panicked"))
+            .collect()
+    })
+}
+
 /// Render the pipeline for an evaluation.
 pub fn generate(
     eval: &Evaluation,
@@ -273,32 +329,18 @@ pub fn generate(
     let mut phase_steps: BTreeMap<&str, Vec<Value>> =
         enabled.iter().map(|p| (*p, Vec::new())).collect();
     let mut extra_count = 0;
-    let mut seen_units: HashSet<&DrvPath> = HashSet::new();
-    for unit in &units {
-        let t = unit.target;
-        seen_units.insert(&t.drv_path);
-        if build_enabled {
-            let d = deps.get(&t.drv_path).map(Vec::as_slice).unwrap_or(&[]);
+    for rendered in render_units(&units, &deps, build_enabled, settings) {
+        let (build, extras) = rendered?;
+        if let Some(step) = build {
             phase_steps
                 .get_mut("build")
                 .expect("build is enabled")
-                .push(Value::Object(build_step(unit, d, settings)));
+                .push(step);
         }
-        for member in &unit.members {
-            let parent_step = ParentStep {
-                key: t.drv_path.step_key(),
-                label: member.label.clone(),
-                skip: if unit.skip {
-                    json!(UNCHANGED)
-                } else {
-                    json!(false)
-                },
-            };
-            for (phase, step) in extra::render(member, &parent_step, settings)? {
-                extra_count += 1;
-                if let Some(list) = phase_steps.get_mut(phase.as_str()) {
-                    list.push(step);
-                }
+        for (phase, step) in extras {
+            extra_count += 1;
+            if let Some(list) = phase_steps.get_mut(phase.as_str()) {
+                list.push(step);
             }
         }
     }
