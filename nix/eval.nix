@@ -41,7 +41,6 @@ let
     length
     listToAttrs
     mapAttrs
-    seq
     tryEval
     typeOf
     unsafeDiscardStringContext
@@ -91,12 +90,18 @@ let
 
   # JSON-safe copy of user data: derivations become their path, functions
   # are dropped (JSON has no place for them), context is removed.
+  #
+  # A set with an `outPath` becomes that, as JSON printing would show it:
+  # deepSeq (in `record`) then forces no more than printing does.
   plain =
     v:
     if isDerivation v then
       unsafeDiscardStringContext v.outPath
     else if isAttrs v then
-      mapAttrs (_: plain) (filterFunctions v)
+      let
+        kept = filterFunctions v;
+      in
+      if kept ? outPath then plain kept.outPath else mapAttrs (_: plain) kept
     else if isList v then
       map plain v
     else if typeOf v == "string" then
@@ -180,7 +185,10 @@ let
         extraStepArgs = if ci ? buildkiteExtraStepArgs then plain ci.buildkiteExtraStepArgs else null;
         extraSteps = mapAttrs (extraStepRecord t) (ci.extraSteps or { });
       };
-      forced = seq (builtins.toJSON full) full;
+      # What printing the record will force, forced here so tryEval sees
+      # its errors. deepSeq, not toJSON: the same values (see `plain`)
+      # without building a string per target that is thrown away.
+      forced = builtins.deepSeq full full;
       caught = tryEval forced;
       result =
         if mode == "labels" then

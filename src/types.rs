@@ -56,10 +56,25 @@ pub const STORE_DIR: &str = "/nix/store";
 
 /// The absolute path of a `.drv` file in the Nix store, validated on
 /// construction: `/nix/store/<32 nixbase32 chars>-<name>.drv`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct DrvPath(String);
 
+/// Hashes the 32-character hash part only: it already tells paths apart,
+/// and the graph keeps tens of thousands of paths in hash maps.
+impl std::hash::Hash for DrvPath {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.basename()[..32].hash(state)
+    }
+}
+
+#[cfg(test)]
 const NIXBASE32: &str = "0123456789abcdfghijklmnpqrsvwxyz";
+
+/// Whether `b` is in [`NIXBASE32`] (which lacks e, o, t and u), without a
+/// search: every evaluated and every read derivation path is checked.
+fn is_nixbase32(b: u8) -> bool {
+    matches!(b, b'0'..=b'9' | b'a'..=b'd' | b'f'..=b'n' | b'p'..=b's' | b'v'..=b'z')
+}
 
 impl DrvPath {
     pub fn as_str(&self) -> &str {
@@ -103,7 +118,7 @@ impl FromStr for DrvPath {
         };
         match base.split_at_checked(32) {
             Some((hash, rest))
-                if hash.chars().all(|c| NIXBASE32.contains(c))
+                if hash.bytes().all(is_nixbase32)
                     && rest.starts_with('-')
                     && rest.ends_with(".drv")
                     && valid_name(&rest[1..rest.len() - 4]) => {}
@@ -155,6 +170,13 @@ impl fmt::Display for StepKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nixbase32_check_is_the_alphabet() {
+        for b in 0..=u8::MAX {
+            assert_eq!(is_nixbase32(b), NIXBASE32.as_bytes().contains(&b), "{b}");
+        }
+    }
 
     #[test]
     fn drv_path_parts() {

@@ -6,7 +6,21 @@ use crate::types::{AttrPath, DrvPath};
 
 /// Quote a string as one bash word.
 pub fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
+    let mut out = String::with_capacity(s.len() + 2);
+    push_quoted(&mut out, s);
+    out
+}
+
+/// Append `s` quoted as one bash word.
+fn push_quoted(out: &mut String, s: &str) {
+    out.push('\'');
+    for (i, part) in s.split('\'').enumerate() {
+        if i > 0 {
+            out.push_str(r"'\''");
+        }
+        out.push_str(part);
+    }
+    out.push('\'');
 }
 
 /// Escape text for Buildkite's upload-time interpolation: `$$` is a
@@ -60,39 +74,50 @@ pub fn build_command_with(
     fallback: Fallback,
     out_link: &str,
 ) -> String {
+    // Built with push_str, not format!: this runs once per step, and on
+    // large depots formatting was a visible part of drvkite's own time.
     let first = outputs.first().map_or("out", String::as_str);
-    let drv_q = sh_quote(drv.as_str());
-    let link_q = sh_quote(out_link);
-    let realise = if outputs.len() <= 1 {
+    let mut drv_q = String::with_capacity(drv.as_str().len() + 2);
+    push_quoted(&mut drv_q, drv.as_str());
+    let mut link_q = String::with_capacity(out_link.len() + 2);
+    push_quoted(&mut link_q, out_link);
+    let mut c = String::with_capacity(1024);
+    c.push_str("set -o pipefail; (nix-store --realise ");
+    c.push_str(&drv_q);
+    c.push_str(" --add-root ");
+    c.push_str(&link_q);
+    if outputs.len() <= 1 {
         // One output: print it through the root, as TVL does.
-        format!("nix-store --realise {drv_q} --add-root {link_q} --indirect | xargs -r realpath")
+        c.push_str(" --indirect | xargs -r realpath");
     } else {
         // Several outputs: build them all (rooted), print only the first.
-        format!(
-            "nix-store --realise {drv_q} --add-root {link_q} --indirect >/dev/null && nix-store --realise {}",
-            sh_quote(&format!("{}!{first}", drv.as_str()))
-        )
-    };
+        c.push_str(" --indirect >/dev/null && nix-store --realise ");
+        push_quoted(&mut c, &format!("{}!{first}", drv.as_str()));
+    }
+    c.push_str(") || (test ! -f ");
+    c.push_str(&drv_q);
+    c.push_str(" && nix-build -E ");
     let json = |p: &AttrPath| serde_json::to_string(p.parts()).expect("strings serialise");
-    let (expr, args) = match fallback {
-        Fallback::Attr(path) => (
-            FALLBACK_EXPR,
-            format!("--argstr attrPath {}", sh_quote(&json(path))),
-        ),
-        Fallback::ParentOverride { parent, step } => (
-            OVERRIDE_FALLBACK_EXPR,
-            format!(
-                "--argstr attrPath {} --argstr step {}",
-                sh_quote(&json(parent)),
-                sh_quote(step)
-            ),
-        ),
-    };
-    format!(
-        "set -o pipefail; ({realise}) || (test ! -f {drv_q} && nix-build -E {} {args} --argstr output {} --show-trace --out-link {link_q})",
-        sh_quote(expr),
-        sh_quote(first),
-    )
+    match fallback {
+        Fallback::Attr(path) => {
+            push_quoted(&mut c, FALLBACK_EXPR);
+            c.push_str(" --argstr attrPath ");
+            push_quoted(&mut c, &json(path));
+        }
+        Fallback::ParentOverride { parent, step } => {
+            push_quoted(&mut c, OVERRIDE_FALLBACK_EXPR);
+            c.push_str(" --argstr attrPath ");
+            push_quoted(&mut c, &json(parent));
+            c.push_str(" --argstr step ");
+            push_quoted(&mut c, step);
+        }
+    }
+    c.push_str(" --argstr output ");
+    push_quoted(&mut c, first);
+    c.push_str(" --show-trace --out-link ");
+    c.push_str(&link_q);
+    c.push(')');
+    c
 }
 
 #[cfg(test)]

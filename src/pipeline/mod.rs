@@ -313,6 +313,62 @@ fn broken_step(b: &BrokenTarget, settings: &Settings) -> Map<String, Value> {
     step
 }
 
+/// One unit's build step (when the build phase is on) and extra steps.
+type UnitSteps = (Option<Value>, Vec<(String, Value)>);
+
+fn render_unit(
+    unit: &BuildUnit,
+    deps: &HashMap<DrvPath, Vec<DrvPath>>,
+    build_enabled: bool,
+    settings: &Settings,
+) -> Result<UnitSteps> {
+    let t = unit.target;
+    let build = build_enabled.then(|| {
+        let d = deps.get(&t.drv_path).map(Vec::as_slice).unwrap_or(&[]);
+        Value::Object(build_step(unit, d, settings))
+    });
+    let mut extras = Vec::new();
+    for member in &unit.members {
+        let parent_step = ParentStep {
+            key: t.drv_path.step_key(),
+            label: member.label.clone(),
+            skip: if unit.skip {
+                json!(UNCHANGED)
+            } else {
+                json!(false)
+            },
+        };
+        extras.extend(extra::render(member, &parent_step, settings)?);
+    }
+    Ok((build, extras))
+}
+
+/// [`render_unit`] of every unit, in order. Units are independent, so a
+/// large depot's are rendered on every core (Nix is done by now).
+fn render_units(
+    units: &[BuildUnit],
+    deps: &HashMap<DrvPath, Vec<DrvPath>>,
+    build_enabled: bool,
+    settings: &Settings,
+) -> Vec<Result<UnitSteps>> {
+    let render = |u| render_unit(u, deps, build_enabled, settings);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    if threads < 2 || units.len() < 512 {
+        return units.iter().map(render).collect();
+    }
+    let per_thread = units.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = units
+            .chunks(per_thread)
+            .map(|part| scope.spawn(move || part.iter().map(render).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a rendering thread panicked"))
+            .collect()
+    })
+}
+
 /// Render the pipeline for an evaluation.
 pub fn generate(
     eval: &Evaluation,
@@ -345,33 +401,19 @@ pub fn generate(
     let mut phase_steps: BTreeMap<&str, Vec<Value>> =
         enabled.iter().map(|p| (*p, Vec::new())).collect();
     let mut extra_count = 0;
-    let mut seen_units: HashSet<&DrvPath> = HashSet::new();
-    for unit in &units {
-        let t = unit.target;
-        seen_units.insert(&t.drv_path);
-        if build_enabled {
-            let d = deps.get(&t.drv_path).map(Vec::as_slice).unwrap_or(&[]);
+    for rendered in render_units(&units, &deps, build_enabled, settings) {
+        let (build, extras) = rendered?;
+        if let Some(step) = build {
             phase_steps
                 .get_mut("build")
                 .expect("build is enabled")
-                .push(Value::Object(build_step(unit, d, settings)));
+                .push(step);
         }
-        for member in &unit.members {
-            let parent_step = ParentStep {
-                key: t.drv_path.step_key(),
-                label: member.label.clone(),
-                skip: if unit.skip {
-                    json!(UNCHANGED)
-                } else {
-                    json!(false)
-                },
-            };
-            for (phase, step) in extra::render(member, &parent_step, settings)? {
-                // Counted only when generated: inactive phases are not.
-                if let Some(list) = phase_steps.get_mut(phase.as_str()) {
-                    extra_count += 1;
-                    list.push(step);
-                }
+        for (phase, step) in extras {
+            // Counted only when generated: inactive phases are not.
+            if let Some(list) = phase_steps.get_mut(phase.as_str()) {
+                extra_count += 1;
+                list.push(step);
             }
         }
     }
@@ -480,22 +522,36 @@ fn job_weight(step: &Value) -> usize {
 
 /// Cut a phase's steps into chunks of at most `size` jobs each.
 pub fn chunk(steps: &[Value], size: usize) -> Vec<Vec<Value>> {
-    let mut chunks: Vec<Vec<Value>> = Vec::new();
-    let mut current = Vec::new();
+    chunk_ranges(steps, size)
+        .into_iter()
+        .map(|r| steps[r].to_vec())
+        .collect()
+}
+
+/// [`chunk`] as index ranges, so writing needs no copy of the steps.
+fn chunk_ranges(steps: &[Value], size: usize) -> Vec<std::ops::Range<usize>> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
     let mut weight = 0;
-    for step in steps {
+    for (i, step) in steps.iter().enumerate() {
         let w = job_weight(step);
-        if weight + w > size && !current.is_empty() {
-            chunks.push(std::mem::take(&mut current));
+        if weight + w > size && i > start {
+            chunks.push(start..i);
+            start = i;
             weight = 0;
         }
         weight += w;
-        current.push(step.clone());
     }
-    if !current.is_empty() {
-        chunks.push(current);
+    if start < steps.len() {
+        chunks.push(start..steps.len());
     }
     chunks
+}
+
+/// A chunk file: `{"steps": [...]}`.
+#[derive(Serialize)]
+struct ChunkFile<'a> {
+    steps: &'a [Value],
 }
 
 #[derive(Debug, Serialize)]
@@ -567,14 +623,14 @@ pub fn write(
         if steps.is_empty() {
             continue;
         }
-        let chunks = chunk(steps, chunk_size);
+        let chunks = chunk_ranges(steps, chunk_size);
         let mut names = Vec::new();
         for (i, c) in chunks.iter().enumerate() {
             let name = chunk_name(phase, i + 1, chunks.len());
-            staged.write(
-                &name,
-                serde_json::to_string(&json!({ "steps": c }))?.as_bytes(),
-            )?;
+            let file = ChunkFile {
+                steps: &steps[c.clone()],
+            };
+            staged.write(&name, &serde_json::to_vec(&file)?)?;
             names.push(name);
         }
         files.extend(names.iter().cloned());
