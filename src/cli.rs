@@ -2,6 +2,7 @@
 //! command through the stages.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use camino::Utf8PathBuf;
@@ -195,7 +196,26 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     };
     let evaluator =
         Evaluator::new(Nix::locate()?, &args.depot, settings_attr)?.with_tuning(&tuning);
-    let eval = evaluator.evaluate(args.fail_on_eval_error).await?;
+    let (parent, mut warning) = ParentMap::load(args.parent_map.as_deref());
+    // Read the .drv files of the targets that may be built while Nix goes
+    // on with the others.
+    let prefetch = crate::graph::Prefetch::start();
+    let parent = Arc::new(parent);
+    let hook: crate::eval::TargetHook = {
+        let (parent, roots) = (Arc::clone(&parent), prefetch.sender());
+        Arc::new(move |t| {
+            if !parent.unchanged(&t.label, &t.drv_path) {
+                let _ = roots.send(t.drv_path.clone());
+            }
+        })
+    };
+    let eval = evaluator
+        .evaluate_into(args.fail_on_eval_error, Some(hook))
+        .await;
+    // On error the reader is left to stop by itself.
+    let eval = eval?;
+    let graph = prefetch.finish();
+    let mut parent = Arc::unwrap_or_clone(parent);
     if eval.targets.is_empty() && eval.broken.is_empty() {
         bail!(
             "depot {} has no CI targets (its ci.targets is missing or empty and readTree found no derivation to gather): check --depot, or give the depot targets; nothing was written",
@@ -213,7 +233,6 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     }
     let settings = settings.apply(flags);
     settings.validate()?;
-    let (mut parent, mut warning) = ParentMap::load(args.parent_map.as_deref());
     if let (None, Some(path)) = (&warning, &args.parent_map) {
         warning = parent.check_against(path, &eval);
     }
@@ -225,7 +244,7 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
         (None, Some(p)) => format!("{p}"),
         (None, None) => "no parent map given: building every target".to_owned(),
     };
-    let generated = crate::pipeline::generate(&eval, &parent, &detail, &settings)?;
+    let generated = crate::pipeline::generate_with(&eval, &parent, &detail, &settings, graph)?;
     let generated_at = std::time::Instant::now();
     let links = checkout::out_links(&eval, &settings);
     if let Checked::Skipped(why) = checkout::ensure_ignored(&args.depot, &links, &settings)? {

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
+use std::sync::mpsc::Sender;
 
 use anyhow::{Context, Result};
 use nix_derivation::Derivation;
@@ -39,6 +40,9 @@ pub fn input_drvs(drv: &Derivation) -> Vec<DrvPath> {
 #[derive(Debug, Default)]
 pub struct DrvGraph {
     inputs: HashMap<DrvPath, Vec<DrvPath>>,
+    /// Some node's inputs are not all in the graph (a file the prefetch
+    /// could not read). Otherwise a node's presence implies its closure's.
+    open: bool,
 }
 
 /// The input derivations of the `.drv` at `path`, read through `buf`.
@@ -185,26 +189,107 @@ fn read_all(paths: &[DrvPath]) -> Result<Vec<Vec<DrvPath>>> {
     })
 }
 
+/// Reads the closures of roots on a thread of its own as they arrive,
+/// while Nix is still evaluating (it uses one core; this the other).
+pub struct Prefetch {
+    roots: Option<Sender<DrvPath>>,
+    thread: std::thread::JoinHandle<DrvGraph>,
+}
+
+impl Prefetch {
+    pub fn start() -> Self {
+        let (roots, arrivals) = std::sync::mpsc::channel::<DrvPath>();
+        let thread = std::thread::spawn(move || {
+            let mut graph = DrvGraph::default();
+            let mut buf = Vec::new();
+            let mut stack = Vec::new();
+            for root in arrivals {
+                stack.push(root);
+                while let Some(path) = stack.pop() {
+                    if graph.inputs.contains_key(&path) {
+                        continue;
+                    }
+                    // A file that cannot be read is left out: `load` reads
+                    // it again if it is needed, and reports the error then.
+                    match read_inputs(&path, &mut buf) {
+                        Ok(ins) => {
+                            stack.extend(
+                                ins.iter()
+                                    .filter(|i| !graph.inputs.contains_key(*i))
+                                    .cloned(),
+                            );
+                            graph.inputs.insert(path, ins);
+                        }
+                        Err(_) => graph.open = true,
+                    }
+                }
+            }
+            graph
+        });
+        Prefetch {
+            roots: Some(roots),
+            thread,
+        }
+    }
+
+    /// Where to send roots. Every sender must be gone before `finish`.
+    pub fn sender(&self) -> Sender<DrvPath> {
+        self.roots.clone().expect("not finished")
+    }
+
+    /// Everything read so far, once the roots sent are all read.
+    pub fn finish(mut self) -> DrvGraph {
+        self.roots = None;
+        self.thread.join().expect("the .drv reader thread panicked")
+    }
+}
+
 impl DrvGraph {
     /// Read the closure of `roots`, level by level (each level's files in
     /// parallel). Cost: one read and parse per `.drv`.
     pub fn load(roots: impl IntoIterator<Item = DrvPath>) -> Result<Self> {
-        let mut graph = DrvGraph::default();
+        DrvGraph::default().complete(roots)
+    }
+
+    /// Add the closure of `roots` to what the graph holds (from a
+    /// [`Prefetch`]), reading only the files it lacks.
+    pub fn complete(mut self, roots: impl IntoIterator<Item = DrvPath>) -> Result<Self> {
+        // Where presence implies the closure, only absent nodes are walked.
+        let walk = |g: &Self, p: &DrvPath| g.open || !g.inputs.contains_key(p);
         let mut seen: HashSet<DrvPath> = HashSet::new();
         let mut level: Vec<DrvPath> = roots
             .into_iter()
-            .filter(|r| seen.insert(r.clone()))
+            .filter(|r| walk(&self, r) && seen.insert(r.clone()))
             .collect();
         while !level.is_empty() {
-            let inputs = read_all(&level)?;
+            let missing: Vec<DrvPath> = level
+                .iter()
+                .filter(|p| !self.inputs.contains_key(*p))
+                .cloned()
+                .collect();
+            let read = read_all(&missing)?;
             let mut next = Vec::new();
-            for (path, ins) in level.into_iter().zip(inputs) {
-                next.extend(ins.iter().filter(|i| seen.insert((*i).clone())).cloned());
-                graph.inputs.insert(path, ins);
+            for ins in &read {
+                next.extend(
+                    ins.iter()
+                        .filter(|i| walk(&self, i) && seen.insert((*i).clone()))
+                        .cloned(),
+                );
             }
+            if self.open {
+                for path in level.iter().filter(|p| self.inputs.contains_key(*p)) {
+                    next.extend(
+                        self.inputs[path]
+                            .iter()
+                            .filter(|i| seen.insert((*i).clone()))
+                            .cloned(),
+                    );
+                }
+            }
+            self.inputs.extend(missing.into_iter().zip(read));
             level = next;
         }
-        Ok(graph)
+        Ok(self)
     }
 
     pub fn len(&self) -> usize {
@@ -311,6 +396,27 @@ mod tests {
         assert_eq!(deps[&p('a')], vec![p('b'), p('c')]);
         assert_eq!(deps[&p('b')], vec![p('c')]);
         assert!(deps[&p('c')].is_empty());
+    }
+
+    #[test]
+    fn completing_reads_only_what_is_missing() {
+        // a -> m -> b; none of these files exists, so any read fails.
+        let mut g = DrvGraph::default();
+        g.inputs.insert(p('a'), vec![p('m')]);
+        g.inputs.insert(p('m'), vec![p('b')]);
+        g.inputs.insert(p('b'), vec![]);
+        let g = g.complete([p('a'), p('b')]).expect("nothing to read");
+        // A node left out by the prefetch (unreadable then) is read now,
+        // even below nodes the graph holds.
+        let mut open = DrvGraph {
+            open: true,
+            ..Default::default()
+        };
+        open.inputs.insert(p('a'), vec![p('m')]);
+        let err = open.complete([p('a')]).unwrap_err();
+        assert!(format!("{err:#}").contains(p('m').as_str()), "{err:#}");
+        let known: HashSet<_> = [p('a'), p('b')].into();
+        assert_eq!(g.closest_known(&known)[&p('a')], vec![p('b')]);
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub use settings::Settings;
 pub const UNCHANGED: &str = "Target has not changed.";
 
 /// The parent build's derivation map, or why there is none.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct ParentMap {
     pub map: Option<DrvMap>,
     pub status: ParentStatus,
@@ -101,7 +101,8 @@ impl ParentMap {
         ))
     }
 
-    fn unchanged(&self, label: &Label, drv: &DrvPath) -> bool {
+    /// Whether the parent built this target's derivation.
+    pub fn unchanged(&self, label: &Label, drv: &DrvPath) -> bool {
         self.map
             .as_ref()
             .and_then(|m| m.get(label))
@@ -376,6 +377,17 @@ pub fn generate(
     parent_detail: &str,
     settings: &Settings,
 ) -> Result<Pipeline> {
+    generate_with(eval, parent, parent_detail, settings, DrvGraph::default())
+}
+
+/// [`generate`], with part of the derivation graph read already.
+pub fn generate_with(
+    eval: &Evaluation,
+    parent: &ParentMap,
+    parent_detail: &str,
+    settings: &Settings,
+    graph: DrvGraph,
+) -> Result<Pipeline> {
     settings.validate()?;
     let enabled = settings.enabled_phases();
     let build_enabled = settings.build_enabled();
@@ -390,7 +402,8 @@ pub fn generate(
         .collect();
     let graph_started = std::time::Instant::now();
     let deps = if build_enabled && !changed.is_empty() {
-        let graph = DrvGraph::load(changed.iter().cloned())
+        let graph = graph
+            .complete(changed.iter().cloned())
             .context("cannot analyse the derivation graph")?;
         graph.closest_known(&changed)
     } else {
