@@ -283,15 +283,21 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
         rendering.as_secs_f64(),
         writing.as_secs_f64()
     );
-    if eval.broken.is_empty() {
-        return Ok(ExitCode::SUCCESS);
-    }
-    eprintln!(
-        "drvkite: {} of {} targets failed to evaluate: each has a failing step in the pipeline; exiting with status {EXIT_BROKEN_TARGETS}",
-        eval.broken.len(),
-        eval.broken.len() + eval.targets.len()
-    );
-    Ok(ExitCode::from(EXIT_BROKEN_TARGETS))
+    let status = if eval.broken.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "drvkite: {} of {} targets failed to evaluate: each has a failing step in the pipeline; exiting with status {EXIT_BROKEN_TARGETS}",
+            eval.broken.len(),
+            eval.broken.len() + eval.targets.len()
+        );
+        ExitCode::from(EXIT_BROKEN_TARGETS)
+    };
+    // The process ends here: freeing the evaluation and the steps one
+    // allocation at a time (some 100,000 on 4,000 targets) would cost
+    // milliseconds the exit does not need.
+    std::mem::forget((eval, generated));
+    Ok(status)
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
