@@ -186,13 +186,15 @@ let
         label = labelOf t;
         attrPath = attrPathOf t;
       };
-      full = base // {
+      # One set, not `base // {…}`: no second set per target.
+      full = {
+        inherit (base) label attrPath;
         drvPath = drvPathOf t;
         outputs = t.outputs or [ "out" ];
         timeout = meta.timeout or null;
-        extraDeps = plain (ci.buildkiteExtraDeps or [ ]);
+        extraDeps = if ci ? buildkiteExtraDeps then plain ci.buildkiteExtraDeps else [ ];
         extraStepArgs = if ci ? buildkiteExtraStepArgs then plain ci.buildkiteExtraStepArgs else null;
-        extraSteps = mapAttrs (extraStepRecord t) (ci.extraSteps or { });
+        extraSteps = if ci ? extraSteps then mapAttrs (extraStepRecord t) ci.extraSteps else { };
       };
       # What printing the record will force, forced here so tryEval sees
       # its errors. When streaming, the JSON text is what is printed; else

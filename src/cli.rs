@@ -244,10 +244,23 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
         (None, Some(p)) => format!("{p}"),
         (None, None) => "no parent map given: building every target".to_owned(),
     };
-    let generated = crate::pipeline::generate_with(&eval, &parent, &detail, &settings, graph)?;
+    // Asking git whether the out-links are ignored is mostly waiting for
+    // git: done while the pipeline renders.
+    let (generated, checked) = std::thread::scope(|scope| {
+        let check = scope.spawn(|| {
+            let links = checkout::out_links(&eval, &settings);
+            (
+                checkout::ensure_ignored(&args.depot, &links, &settings),
+                links,
+            )
+        });
+        let generated = crate::pipeline::generate_with(&eval, &parent, &detail, &settings, graph);
+        (generated, check.join())
+    });
+    let generated = generated?;
     let generated_at = std::time::Instant::now();
-    let links = checkout::out_links(&eval, &settings);
-    if let Checked::Skipped(why) = checkout::ensure_ignored(&args.depot, &links, &settings)? {
+    let (checked, links) = checked.expect("the out-link check panicked");
+    if let Checked::Skipped(why) = checked? {
         eprintln!(
             "drvkite: note: {why}: not checking that the steps' out-links ({}) are ignored",
             links.iter().cloned().collect::<Vec<_>>().join(", ")

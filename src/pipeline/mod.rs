@@ -632,6 +632,7 @@ pub fn write(
         summary: "summary.json",
         phases: Vec::new(),
     };
+    let mut chunk_files: Vec<(String, ChunkFile)> = Vec::new();
     for (phase, steps) in &pipeline.phases {
         if steps.is_empty() {
             continue;
@@ -643,7 +644,7 @@ pub fn write(
             let file = ChunkFile {
                 steps: &steps[c.clone()],
             };
-            staged.write(&name, &serde_json::to_vec(&file)?)?;
+            chunk_files.push((name.clone(), file));
             names.push(name);
         }
         files.extend(names.iter().cloned());
@@ -653,7 +654,25 @@ pub fn write(
             chunks: names,
         });
     }
-    staged.write("drvmap.json", drvmap.to_tvl_json().as_bytes())?;
+    // Serialising the steps is most of writing: chunks are independent,
+    // so other threads take them while this one writes the rest.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let write_chunks = |part: &[(String, ChunkFile)]| -> Result<()> {
+        part.iter()
+            .try_for_each(|(name, file)| staged.write(name, &serde_json::to_vec(file)?))
+    };
+    std::thread::scope(|scope| -> Result<()> {
+        let per_thread = chunk_files.len().div_ceil(threads).max(1);
+        let handles: Vec<_> = chunk_files
+            .chunks(per_thread)
+            .map(|part| scope.spawn(move || write_chunks(part)))
+            .collect();
+        let own = staged.write("drvmap.json", drvmap.to_tvl_json().as_bytes());
+        for h in handles {
+            h.join().expect("a writing thread panicked")?;
+        }
+        own
+    })?;
     staged.write(
         "summary.json",
         serde_json::to_string_pretty(&pipeline.summary)?.as_bytes(),
