@@ -245,21 +245,19 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
         (None, None) => "no parent map given: building every target".to_owned(),
     };
     // Asking git whether the out-links are ignored is mostly waiting for
-    // git: done while the pipeline renders.
+    // git: done while the pipeline renders, and so is the derivation map.
     let (generated, checked) = std::thread::scope(|scope| {
         let check = scope.spawn(|| {
             let links = checkout::out_links(&eval, &settings);
-            (
-                checkout::ensure_ignored(&args.depot, &links, &settings),
-                links,
-            )
+            let checked = checkout::ensure_ignored(&args.depot, &links, &settings);
+            (checked, links, eval.drvmap().to_tvl_json())
         });
         let generated = crate::pipeline::generate_with(&eval, &parent, &detail, &settings, graph);
         (generated, check.join())
     });
     let generated = generated?;
     let generated_at = std::time::Instant::now();
-    let (checked, links) = checked.expect("the out-link check panicked");
+    let (checked, links, drvmap_json) = checked.expect("the out-link check panicked");
     if let Checked::Skipped(why) = checked? {
         eprintln!(
             "drvkite: note: {why}: not checking that the steps' out-links ({}) are ignored",
@@ -267,7 +265,8 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
         );
     }
     let write_started = std::time::Instant::now();
-    let files = crate::pipeline::write(&generated, &eval.drvmap(), &args.out, settings.chunk_size)?;
+    let files =
+        crate::pipeline::write_with(&generated, &drvmap_json, &args.out, settings.chunk_size)?;
     let writing = write_started.elapsed();
     let s = &generated.summary;
     eprintln!(

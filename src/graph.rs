@@ -304,11 +304,40 @@ impl DrvGraph {
     /// along every path down the graph, the first known node met. Known nodes
     /// stop the walk; unknown ones are looked through, each computed once.
     /// Order: inputs in store-path order, first occurrence kept.
+    ///
+    /// Large sets are split across threads, each with its own memo: the
+    /// result does not depend on what a memo holds.
     pub fn closest_known(&self, known: &HashSet<DrvPath>) -> HashMap<DrvPath, Vec<DrvPath>> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        if threads < 2 || known.len() < PARALLEL_MIN * 4 {
+            return self.closest_known_from(known, known.iter());
+        }
+        let roots: Vec<&DrvPath> = known.iter().collect();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = roots
+                .chunks(roots.len().div_ceil(threads))
+                .map(|part| {
+                    scope.spawn(move || self.closest_known_from(known, part.iter().copied()))
+                })
+                .collect();
+            let mut all = HashMap::with_capacity(known.len());
+            for h in handles {
+                all.extend(h.join().expect("a graph walking thread panicked"));
+            }
+            all
+        })
+    }
+
+    /// [`DrvGraph::closest_known`] for some of the known nodes.
+    fn closest_known_from<'a>(
+        &self,
+        known: &HashSet<DrvPath>,
+        roots: impl Iterator<Item = &'a DrvPath>,
+    ) -> HashMap<DrvPath, Vec<DrvPath>> {
         // Memo of "known nodes reachable through unknown nodes" per node.
         let mut below: HashMap<&DrvPath, Vec<&DrvPath>> = HashMap::new();
         let mut result = HashMap::new();
-        for root in known {
+        for root in roots {
             let Some(inputs) = self.inputs.get(root) else {
                 continue;
             };
@@ -396,6 +425,50 @@ mod tests {
         assert_eq!(deps[&p('a')], vec![p('b'), p('c')]);
         assert_eq!(deps[&p('b')], vec![p('c')]);
         assert!(deps[&p('c')].is_empty());
+    }
+
+    #[test]
+    fn split_across_threads_it_finds_what_one_walk_finds() {
+        // Known k_i -> unknown u_i -> k_(i-1), k_(i-7) and u_(i-3): enough
+        // known nodes for the split, and memos that would differ.
+        let digits = b"0123456789abcdfghijklmnpqrsvwxyz";
+        let path = |kind: char, i: usize| -> DrvPath {
+            let hash: String = (0..31)
+                .map(|d| digits[(i >> (5 * (d % 4))) % 32] as char)
+                .collect();
+            let last = if kind == 'k' { '0' } else { '1' };
+            format!("/nix/store/{hash}{last}-{kind}{i}.drv")
+                .parse()
+                .unwrap()
+        };
+        let n = PARALLEL_MIN * 8;
+        let mut g = DrvGraph::default();
+        let mut known = HashSet::new();
+        for i in 0..n {
+            let mut below = Vec::new();
+            for back in [1, 7] {
+                if i >= back {
+                    below.push(path('k', i - back));
+                }
+            }
+            if i >= 3 {
+                below.push(path('u', i - 3));
+            }
+            below.sort();
+            g.inputs.insert(path('k', i), vec![path('u', i)]);
+            g.inputs.insert(path('u', i), below);
+            known.insert(path('k', i));
+        }
+        let split = g.closest_known(&known);
+        let whole = g.closest_known_from(&known, known.iter());
+        assert_eq!(split.len(), n);
+        assert_eq!(split, whole);
+        // k10 -> u10 -> k9, k3, u7 -> k6, k0, u4 -> k3, u1.
+        let mut k10 = split[&path('k', 10)].clone();
+        k10.sort();
+        let mut expected = [0, 3, 6, 9].map(|i| path('k', i)).to_vec();
+        expected.sort();
+        assert_eq!(k10, expected);
     }
 
     #[test]

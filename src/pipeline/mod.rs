@@ -405,7 +405,10 @@ pub fn generate_with(
         let graph = graph
             .complete(changed.iter().cloned())
             .context("cannot analyse the derivation graph")?;
-        graph.closest_known(&changed)
+        let deps = graph.closest_known(&changed);
+        // Some 20,000 allocations on a large depot: freed meanwhile.
+        std::thread::spawn(move || drop(graph));
+        deps
     } else {
         HashMap::new()
     };
@@ -623,6 +626,16 @@ pub fn write(
     out: &Utf8Path,
     chunk_size: usize,
 ) -> Result<Vec<String>> {
+    write_with(pipeline, &drvmap.to_tvl_json(), out, chunk_size)
+}
+
+/// [`write`], with the derivation map serialised already (`drvmap.json`).
+pub fn write_with(
+    pipeline: &Pipeline,
+    drvmap_json: &str,
+    out: &Utf8Path,
+    chunk_size: usize,
+) -> Result<Vec<String>> {
     refuse_foreign_folder(out)?;
     let staged = crate::atomic::StagedDir::new(out)?;
     let mut files = Vec::new();
@@ -667,7 +680,7 @@ pub fn write(
             .chunks(per_thread)
             .map(|part| scope.spawn(move || write_chunks(part)))
             .collect();
-        let own = staged.write("drvmap.json", drvmap.to_tvl_json().as_bytes());
+        let own = staged.write("drvmap.json", drvmap_json.as_bytes());
         for h in handles {
             h.join().expect("a writing thread panicked")?;
         }
