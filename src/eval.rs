@@ -448,7 +448,7 @@ struct Runner {
 const STDERR_KEEP: usize = 1 << 20;
 
 /// How often a child's stderr is read while it runs.
-const STDERR_POLL: Duration = Duration::from_millis(2);
+const STDERR_POLL: Duration = Duration::from_millis(1);
 
 /// What `Runner::read_stderr` makes of a child's stderr, line by line.
 struct StderrLines<'a> {
@@ -639,7 +639,7 @@ impl Runner {
     /// `hook`) and progress traces counted; the rest is kept
     /// (its tail) for the error message.
     ///
-    /// The pipe is polled every few milliseconds rather than waited on:
+    /// The pipe is polled every millisecond rather than waited on:
     /// Nix writes each record with its own write, and waking a waiting
     /// reader for each cost Nix more than a tenth of its time on a
     /// 4,000-target depot (measured on a 2-core VM); nobody waiting, a

@@ -214,7 +214,7 @@ fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<St
         .collect::<Vec<_>>()
         .join(", ");
     let mut depends_on = vec![settings.bootstrap_key.clone()];
-    depends_on.extend(deps.iter().map(|d| d.step_key().as_str().to_owned()));
+    depends_on.extend(deps.iter().map(|d| d.step_key().into_string()));
     for extra in &t.extra_deps {
         let dep = match extra {
             Value::String(s) => s.clone(),
@@ -230,14 +230,19 @@ fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<St
         &t.attr_path,
         &settings.out_link("result"),
     );
+    // Values built from owned strings (json!(s) would copy each): this
+    // runs once per build step.
     let mut step = Map::new();
     step.insert(
         "label".into(),
-        json!(command::escape_interpolation(&format!(
+        Value::String(command::escape_interpolation(&format!(
             ":nix: {label_text}"
         ))),
     );
-    step.insert("key".into(), json!(t.drv_path.step_key()));
+    step.insert(
+        "key".into(),
+        Value::String(t.drv_path.step_key().into_string()),
+    );
     step.insert(
         "skip".into(),
         if unit.skip {
@@ -248,7 +253,7 @@ fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<St
     );
     step.insert(
         "command".into(),
-        json!(command::escape_interpolation(&command)),
+        Value::String(command::escape_interpolation(&command)),
     );
     step.insert(
         "env".into(),
@@ -258,7 +263,10 @@ fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<St
         "cancel_on_build_failing".into(),
         json!(settings.cancel_on_build_failing),
     );
-    step.insert("depends_on".into(), json!(depends_on));
+    step.insert(
+        "depends_on".into(),
+        Value::Array(depends_on.into_iter().map(Value::String).collect()),
+    );
     merge(&mut step, &settings.default_step_overrides);
     if let Some(secs) = t.timeout {
         // Round up and never 0: TVL's integer division turned 90 s into 1
