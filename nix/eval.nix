@@ -24,6 +24,13 @@
   # Print `trace: drvkite:total N` once and `trace: drvkite:done` after
   # each target, which drvkite reads live from stderr to show progress.
   progress ? false,
+  # When non-null (full mode only): print each record on stderr as soon as
+  # it is evaluated, as `trace: drvkite:<tag>:ok <index> <JSON>` (or
+  # `:failed` with its label and attribute path), and leave `null` in its
+  # place in `targets`. drvkite parses records and reads their .drv files
+  # while Nix goes on with the next targets. The tag, random per run,
+  # keeps a depot's own traces from passing for records.
+  streamTag ? null,
 }:
 
 let
@@ -168,8 +175,10 @@ let
         );
       };
 
+  stream = streamTag != null && mode != "labels";
+
   record =
-    t:
+    i: t:
     let
       meta = t.meta or { };
       ci = meta.ci or { };
@@ -177,31 +186,45 @@ let
         label = labelOf t;
         attrPath = attrPathOf t;
       };
-      full = base // {
+      # One set, not `base // {…}`: no second set per target.
+      full = {
+        inherit (base) label attrPath;
         drvPath = drvPathOf t;
         outputs = t.outputs or [ "out" ];
         timeout = meta.timeout or null;
-        extraDeps = plain (ci.buildkiteExtraDeps or [ ]);
+        extraDeps = if ci ? buildkiteExtraDeps then plain ci.buildkiteExtraDeps else [ ];
         extraStepArgs = if ci ? buildkiteExtraStepArgs then plain ci.buildkiteExtraStepArgs else null;
-        extraSteps = mapAttrs (extraStepRecord t) (ci.extraSteps or { });
+        extraSteps = if ci ? extraSteps then mapAttrs (extraStepRecord t) ci.extraSteps else { };
       };
       # What printing the record will force, forced here so tryEval sees
-      # its errors. deepSeq, not toJSON: the same values (see `plain`)
-      # without building a string per target that is thrown away.
-      forced = builtins.deepSeq full full;
+      # its errors. When streaming, the JSON text is what is printed; else
+      # deepSeq: the same values (see `plain`) without building a string
+      # per target that is thrown away.
+      forced = if stream then builtins.toJSON full else builtins.deepSeq full full;
       caught = tryEval forced;
+      ok = !catchErrors || caught.success;
       result =
         if mode == "labels" then
           base
-        else if !catchErrors then
+        else if ok then
           forced
-        else if caught.success then
-          caught.value
         else
           base // { failed = true; };
     in
+    if stream then
+      builtins.trace (
+        if ok then
+          "drvkite:${streamTag}:ok ${toString i} ${forced}"
+        else
+          "drvkite:${streamTag}:failed ${toString i} ${builtins.toJSON base}"
+      ) null
     # Forcing `result` evaluates the target first, so the trace follows it.
-    if progress && mode != "labels" then builtins.trace "drvkite:done" result else result;
+    else if progress && mode != "labels" then
+      builtins.trace "drvkite:done" result
+    else
+      result;
+
+  records = genList (i: record i (builtins.elemAt selected i)) (length selected);
 
   settingsPath = foldl' (acc: n: if acc != null && isAttrs acc && hasAttr n acc then getAttr n acc else null) depot settingsAttr;
 in
@@ -209,9 +232,9 @@ in
   inherit total hasCiTargets;
   targets =
     if progress then
-      builtins.trace "drvkite:total ${toString total}" (map record selected)
+      builtins.trace "drvkite:total ${toString total}" records
     else
-      map record selected;
+      records;
   # A settings file in the depot gets readTree's markers: not settings.
   # Labels mode has them too: a shard that fails is listed in that mode,
   # and broken settings must then fail the run rather than the targets.

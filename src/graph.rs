@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
+use std::sync::mpsc::Sender;
 
 use anyhow::{Context, Result};
 use nix_derivation::Derivation;
@@ -39,6 +40,9 @@ pub fn input_drvs(drv: &Derivation) -> Vec<DrvPath> {
 #[derive(Debug, Default)]
 pub struct DrvGraph {
     inputs: HashMap<DrvPath, Vec<DrvPath>>,
+    /// Some node's inputs are not all in the graph (a file the prefetch
+    /// could not read). Otherwise a node's presence implies its closure's.
+    open: bool,
 }
 
 /// The input derivations of the `.drv` at `path`, read through `buf`.
@@ -185,26 +189,107 @@ fn read_all(paths: &[DrvPath]) -> Result<Vec<Vec<DrvPath>>> {
     })
 }
 
+/// Reads the closures of roots on a thread of its own as they arrive,
+/// while Nix is still evaluating (it uses one core; this the other).
+pub struct Prefetch {
+    roots: Option<Sender<DrvPath>>,
+    thread: std::thread::JoinHandle<DrvGraph>,
+}
+
+impl Prefetch {
+    pub fn start() -> Self {
+        let (roots, arrivals) = std::sync::mpsc::channel::<DrvPath>();
+        let thread = std::thread::spawn(move || {
+            let mut graph = DrvGraph::default();
+            let mut buf = Vec::new();
+            let mut stack = Vec::new();
+            for root in arrivals {
+                stack.push(root);
+                while let Some(path) = stack.pop() {
+                    if graph.inputs.contains_key(&path) {
+                        continue;
+                    }
+                    // A file that cannot be read is left out: `load` reads
+                    // it again if it is needed, and reports the error then.
+                    match read_inputs(&path, &mut buf) {
+                        Ok(ins) => {
+                            stack.extend(
+                                ins.iter()
+                                    .filter(|i| !graph.inputs.contains_key(*i))
+                                    .cloned(),
+                            );
+                            graph.inputs.insert(path, ins);
+                        }
+                        Err(_) => graph.open = true,
+                    }
+                }
+            }
+            graph
+        });
+        Prefetch {
+            roots: Some(roots),
+            thread,
+        }
+    }
+
+    /// Where to send roots. Every sender must be gone before `finish`.
+    pub fn sender(&self) -> Sender<DrvPath> {
+        self.roots.clone().expect("not finished")
+    }
+
+    /// Everything read so far, once the roots sent are all read.
+    pub fn finish(mut self) -> DrvGraph {
+        self.roots = None;
+        self.thread.join().expect("the .drv reader thread panicked")
+    }
+}
+
 impl DrvGraph {
     /// Read the closure of `roots`, level by level (each level's files in
     /// parallel). Cost: one read and parse per `.drv`.
     pub fn load(roots: impl IntoIterator<Item = DrvPath>) -> Result<Self> {
-        let mut graph = DrvGraph::default();
+        DrvGraph::default().complete(roots)
+    }
+
+    /// Add the closure of `roots` to what the graph holds (from a
+    /// [`Prefetch`]), reading only the files it lacks.
+    pub fn complete(mut self, roots: impl IntoIterator<Item = DrvPath>) -> Result<Self> {
+        // Where presence implies the closure, only absent nodes are walked.
+        let walk = |g: &Self, p: &DrvPath| g.open || !g.inputs.contains_key(p);
         let mut seen: HashSet<DrvPath> = HashSet::new();
         let mut level: Vec<DrvPath> = roots
             .into_iter()
-            .filter(|r| seen.insert(r.clone()))
+            .filter(|r| walk(&self, r) && seen.insert(r.clone()))
             .collect();
         while !level.is_empty() {
-            let inputs = read_all(&level)?;
+            let missing: Vec<DrvPath> = level
+                .iter()
+                .filter(|p| !self.inputs.contains_key(*p))
+                .cloned()
+                .collect();
+            let read = read_all(&missing)?;
             let mut next = Vec::new();
-            for (path, ins) in level.into_iter().zip(inputs) {
-                next.extend(ins.iter().filter(|i| seen.insert((*i).clone())).cloned());
-                graph.inputs.insert(path, ins);
+            for ins in &read {
+                next.extend(
+                    ins.iter()
+                        .filter(|i| walk(&self, i) && seen.insert((*i).clone()))
+                        .cloned(),
+                );
             }
+            if self.open {
+                for path in level.iter().filter(|p| self.inputs.contains_key(*p)) {
+                    next.extend(
+                        self.inputs[path]
+                            .iter()
+                            .filter(|i| seen.insert((*i).clone()))
+                            .cloned(),
+                    );
+                }
+            }
+            self.inputs.extend(missing.into_iter().zip(read));
             level = next;
         }
-        Ok(graph)
+        Ok(self)
     }
 
     pub fn len(&self) -> usize {
@@ -219,11 +304,40 @@ impl DrvGraph {
     /// along every path down the graph, the first known node met. Known nodes
     /// stop the walk; unknown ones are looked through, each computed once.
     /// Order: inputs in store-path order, first occurrence kept.
+    ///
+    /// Large sets are split across threads, each with its own memo: the
+    /// result does not depend on what a memo holds.
     pub fn closest_known(&self, known: &HashSet<DrvPath>) -> HashMap<DrvPath, Vec<DrvPath>> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        if threads < 2 || known.len() < PARALLEL_MIN * 4 {
+            return self.closest_known_from(known, known.iter());
+        }
+        let roots: Vec<&DrvPath> = known.iter().collect();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = roots
+                .chunks(roots.len().div_ceil(threads))
+                .map(|part| {
+                    scope.spawn(move || self.closest_known_from(known, part.iter().copied()))
+                })
+                .collect();
+            let mut all = HashMap::with_capacity(known.len());
+            for h in handles {
+                all.extend(h.join().expect("a graph walking thread panicked"));
+            }
+            all
+        })
+    }
+
+    /// [`DrvGraph::closest_known`] for some of the known nodes.
+    fn closest_known_from<'a>(
+        &self,
+        known: &HashSet<DrvPath>,
+        roots: impl Iterator<Item = &'a DrvPath>,
+    ) -> HashMap<DrvPath, Vec<DrvPath>> {
         // Memo of "known nodes reachable through unknown nodes" per node.
         let mut below: HashMap<&DrvPath, Vec<&DrvPath>> = HashMap::new();
         let mut result = HashMap::new();
-        for root in known {
+        for root in roots {
             let Some(inputs) = self.inputs.get(root) else {
                 continue;
             };
@@ -311,6 +425,71 @@ mod tests {
         assert_eq!(deps[&p('a')], vec![p('b'), p('c')]);
         assert_eq!(deps[&p('b')], vec![p('c')]);
         assert!(deps[&p('c')].is_empty());
+    }
+
+    #[test]
+    fn split_across_threads_it_finds_what_one_walk_finds() {
+        // Known k_i -> unknown u_i -> k_(i-1), k_(i-7) and u_(i-3): enough
+        // known nodes for the split, and memos that would differ.
+        let digits = b"0123456789abcdfghijklmnpqrsvwxyz";
+        let path = |kind: char, i: usize| -> DrvPath {
+            let hash: String = (0..31)
+                .map(|d| digits[(i >> (5 * (d % 4))) % 32] as char)
+                .collect();
+            let last = if kind == 'k' { '0' } else { '1' };
+            format!("/nix/store/{hash}{last}-{kind}{i}.drv")
+                .parse()
+                .unwrap()
+        };
+        let n = PARALLEL_MIN * 8;
+        let mut g = DrvGraph::default();
+        let mut known = HashSet::new();
+        for i in 0..n {
+            let mut below = Vec::new();
+            for back in [1, 7] {
+                if i >= back {
+                    below.push(path('k', i - back));
+                }
+            }
+            if i >= 3 {
+                below.push(path('u', i - 3));
+            }
+            below.sort();
+            g.inputs.insert(path('k', i), vec![path('u', i)]);
+            g.inputs.insert(path('u', i), below);
+            known.insert(path('k', i));
+        }
+        let split = g.closest_known(&known);
+        let whole = g.closest_known_from(&known, known.iter());
+        assert_eq!(split.len(), n);
+        assert_eq!(split, whole);
+        // k10 -> u10 -> k9, k3, u7 -> k6, k0, u4 -> k3, u1.
+        let mut k10 = split[&path('k', 10)].clone();
+        k10.sort();
+        let mut expected = [0, 3, 6, 9].map(|i| path('k', i)).to_vec();
+        expected.sort();
+        assert_eq!(k10, expected);
+    }
+
+    #[test]
+    fn completing_reads_only_what_is_missing() {
+        // a -> m -> b; none of these files exists, so any read fails.
+        let mut g = DrvGraph::default();
+        g.inputs.insert(p('a'), vec![p('m')]);
+        g.inputs.insert(p('m'), vec![p('b')]);
+        g.inputs.insert(p('b'), vec![]);
+        let g = g.complete([p('a'), p('b')]).expect("nothing to read");
+        // A node left out by the prefetch (unreadable then) is read now,
+        // even below nodes the graph holds.
+        let mut open = DrvGraph {
+            open: true,
+            ..Default::default()
+        };
+        open.inputs.insert(p('a'), vec![p('m')]);
+        let err = open.complete([p('a')]).unwrap_err();
+        assert!(format!("{err:#}").contains(p('m').as_str()), "{err:#}");
+        let known: HashSet<_> = [p('a'), p('b')].into();
+        assert_eq!(g.closest_known(&known)[&p('a')], vec![p('b')]);
     }
 
     #[test]

@@ -159,6 +159,9 @@ impl StepKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+    pub fn into_string(self) -> String {
+        self.0
+    }
 }
 
 impl fmt::Display for StepKey {

@@ -23,7 +23,7 @@ pub use settings::Settings;
 pub const UNCHANGED: &str = "Target has not changed.";
 
 /// The parent build's derivation map, or why there is none.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct ParentMap {
     pub map: Option<DrvMap>,
     pub status: ParentStatus,
@@ -101,7 +101,8 @@ impl ParentMap {
         ))
     }
 
-    fn unchanged(&self, label: &Label, drv: &DrvPath) -> bool {
+    /// Whether the parent built this target's derivation.
+    pub fn unchanged(&self, label: &Label, drv: &DrvPath) -> bool {
         self.map
             .as_ref()
             .and_then(|m| m.get(label))
@@ -213,7 +214,7 @@ fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<St
         .collect::<Vec<_>>()
         .join(", ");
     let mut depends_on = vec![settings.bootstrap_key.clone()];
-    depends_on.extend(deps.iter().map(|d| d.step_key().as_str().to_owned()));
+    depends_on.extend(deps.iter().map(|d| d.step_key().into_string()));
     for extra in &t.extra_deps {
         let dep = match extra {
             Value::String(s) => s.clone(),
@@ -229,14 +230,19 @@ fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<St
         &t.attr_path,
         &settings.out_link("result"),
     );
+    // Values built from owned strings (json!(s) would copy each): this
+    // runs once per build step.
     let mut step = Map::new();
     step.insert(
         "label".into(),
-        json!(command::escape_interpolation(&format!(
+        Value::String(command::escape_interpolation(&format!(
             ":nix: {label_text}"
         ))),
     );
-    step.insert("key".into(), json!(t.drv_path.step_key()));
+    step.insert(
+        "key".into(),
+        Value::String(t.drv_path.step_key().into_string()),
+    );
     step.insert(
         "skip".into(),
         if unit.skip {
@@ -247,7 +253,7 @@ fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<St
     );
     step.insert(
         "command".into(),
-        json!(command::escape_interpolation(&command)),
+        Value::String(command::escape_interpolation(&command)),
     );
     step.insert(
         "env".into(),
@@ -257,7 +263,10 @@ fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<St
         "cancel_on_build_failing".into(),
         json!(settings.cancel_on_build_failing),
     );
-    step.insert("depends_on".into(), json!(depends_on));
+    step.insert(
+        "depends_on".into(),
+        Value::Array(depends_on.into_iter().map(Value::String).collect()),
+    );
     merge(&mut step, &settings.default_step_overrides);
     if let Some(secs) = t.timeout {
         // Round up and never 0: TVL's integer division turned 90 s into 1
@@ -376,6 +385,17 @@ pub fn generate(
     parent_detail: &str,
     settings: &Settings,
 ) -> Result<Pipeline> {
+    generate_with(eval, parent, parent_detail, settings, DrvGraph::default())
+}
+
+/// [`generate`], with part of the derivation graph read already.
+pub fn generate_with(
+    eval: &Evaluation,
+    parent: &ParentMap,
+    parent_detail: &str,
+    settings: &Settings,
+    graph: DrvGraph,
+) -> Result<Pipeline> {
     settings.validate()?;
     let enabled = settings.enabled_phases();
     let build_enabled = settings.build_enabled();
@@ -390,9 +410,13 @@ pub fn generate(
         .collect();
     let graph_started = std::time::Instant::now();
     let deps = if build_enabled && !changed.is_empty() {
-        let graph = DrvGraph::load(changed.iter().cloned())
+        let graph = graph
+            .complete(changed.iter().cloned())
             .context("cannot analyse the derivation graph")?;
-        graph.closest_known(&changed)
+        let deps = graph.closest_known(&changed);
+        // Some 20,000 allocations on a large depot: freed meanwhile.
+        std::thread::spawn(move || drop(graph));
+        deps
     } else {
         HashMap::new()
     };
@@ -610,6 +634,16 @@ pub fn write(
     out: &Utf8Path,
     chunk_size: usize,
 ) -> Result<Vec<String>> {
+    write_with(pipeline, &drvmap.to_tvl_json(), out, chunk_size)
+}
+
+/// [`write`], with the derivation map serialised already (`drvmap.json`).
+pub fn write_with(
+    pipeline: &Pipeline,
+    drvmap_json: &str,
+    out: &Utf8Path,
+    chunk_size: usize,
+) -> Result<Vec<String>> {
     refuse_foreign_folder(out)?;
     let staged = crate::atomic::StagedDir::new(out)?;
     let mut files = Vec::new();
@@ -619,6 +653,7 @@ pub fn write(
         summary: "summary.json",
         phases: Vec::new(),
     };
+    let mut chunk_files: Vec<(String, ChunkFile)> = Vec::new();
     for (phase, steps) in &pipeline.phases {
         if steps.is_empty() {
             continue;
@@ -630,7 +665,7 @@ pub fn write(
             let file = ChunkFile {
                 steps: &steps[c.clone()],
             };
-            staged.write(&name, &serde_json::to_vec(&file)?)?;
+            chunk_files.push((name.clone(), file));
             names.push(name);
         }
         files.extend(names.iter().cloned());
@@ -640,7 +675,25 @@ pub fn write(
             chunks: names,
         });
     }
-    staged.write("drvmap.json", drvmap.to_tvl_json().as_bytes())?;
+    // Serialising the steps is most of writing: chunks are independent,
+    // so other threads take them while this one writes the rest.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let write_chunks = |part: &[(String, ChunkFile)]| -> Result<()> {
+        part.iter()
+            .try_for_each(|(name, file)| staged.write(name, &serde_json::to_vec(file)?))
+    };
+    std::thread::scope(|scope| -> Result<()> {
+        let per_thread = chunk_files.len().div_ceil(threads).max(1);
+        let handles: Vec<_> = chunk_files
+            .chunks(per_thread)
+            .map(|part| scope.spawn(move || write_chunks(part)))
+            .collect();
+        let own = staged.write("drvmap.json", drvmap_json.as_bytes());
+        for h in handles {
+            h.join().expect("a writing thread panicked")?;
+        }
+        own
+    })?;
     staged.write(
         "summary.json",
         serde_json::to_string_pretty(&pipeline.summary)?.as_bytes(),
