@@ -45,17 +45,7 @@ depot.nix.build.mkTarget {{
         "tools/recursion.nix",
         "{ depot, ... }:\nlet x = { y = x.y; }; in depot.nix.build.mkTarget { name = \"recursion\"; text = x.y; }\n",
     );
-    depot.git(&["add", "-A"]);
-    depot.git(&[
-        "-c",
-        "user.name=t",
-        "-c",
-        "user.email=t@t",
-        "commit",
-        "-q",
-        "-m",
-        "broken",
-    ]);
+    depot.commit("broken");
     depot
 }
 

@@ -120,20 +120,6 @@ fn assert_clean(depot: &Depot) {
     );
 }
 
-/// Commit everything in the depot's checkout.
-fn commit(depot: &Depot, message: &str) {
-    depot.git(&["add", "-A"]);
-    depot.git(&[
-        "-c",
-        "user.name=t",
-        "-c",
-        "user.email=t@t",
-        "commit",
-        "-qm",
-        message,
-    ]);
-}
-
 /// `drvkite pipeline` that must fail; returns its stderr.
 fn pipeline_fails(depot: &Depot, out: &Path, args: &[&str]) -> String {
     let res = fails(
@@ -371,7 +357,7 @@ mkTarget {
 fn gated_groups_honour_the_steps_own_skip_and_always_run() {
     let depot = Depot::with_git();
     depot.write("gates/default.nix", GATES);
-    commit(&depot, "gates");
+    depot.commit("gates");
     let check = |chunks: &Chunks, expected: [(&str, Value); 3]| {
         let parent = find(chunks, ":nix: gates").1["key"].clone();
         for (name, skip) in expected {
@@ -498,7 +484,7 @@ fn invalid_extra_steps_fail_with_one_line_naming_step_and_parent() {
 
 fn remove_gitignore(depot: &Depot) {
     std::fs::remove_file(depot.path(".gitignore")).unwrap();
-    commit(depot, "no ignores");
+    depot.commit("no ignores");
 }
 
 #[test]
@@ -519,7 +505,7 @@ derivation {
 }
 "#,
     );
-    commit(&depot, "multi");
+    depot.commit("multi");
     let out = depot.out("pipeline");
     let stderr = pipeline_fails(&depot, &out, &[]);
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
@@ -537,7 +523,7 @@ derivation {
         ".gitignore",
         "/nix-buildkite-extra-step-command-script\n/result\n/result-*\n",
     );
-    commit(&depot, "ignore");
+    depot.commit("ignore");
     let (_, chunks) = pipeline(&depot, "pipeline", &[]);
     let step = find(&chunks, ":nix: multi-out").1;
     run_step(&depot, command_of(step), &depot.out("log"));
@@ -609,7 +595,7 @@ fn out_link_dir_from_depot_settings_outside_the_work_tree() {
             serde_json::to_string(roots.to_str().unwrap()).unwrap()
         ),
     );
-    commit(&depot, "settings");
+    depot.commit("settings");
     let (_, chunks) = pipeline(&depot, "pipeline", &[]);
     let step = find(&chunks, ":gear: publish (from ops/changelog)").1;
     let log = depot.out("log");
@@ -672,7 +658,7 @@ mkTarget {
 }
 "#,
     );
-    commit(&depot, "hostile");
+    depot.commit("hostile");
     let (_, chunks) = pipeline(&depot, "pipeline", &[]);
     // Upload-time interpolation would expand $HOME: escaped as $$HOME.
     let step = find(
@@ -724,7 +710,7 @@ mkTarget {
 }
 "#,
     );
-    commit(&depot, "override");
+    depot.commit("override");
     let (_, chunks) = pipeline(&depot, "pipeline", &[]);
     let step = find(&chunks, ":gear: release (from override)").1;
     let overridden = nix_eval_json(
@@ -795,7 +781,7 @@ depot.nix.build.mkTarget {
     depot.write("cached/key.txt", "v1\n");
     let ignore = std::fs::read_to_string(depot.path(".gitignore")).unwrap_or_default();
     depot.write(".gitignore", &format!("{ignore}/cache-dir\n"));
-    commit(&depot, "cached target");
+    depot.commit("cached target");
     let (_, chunks) = pipeline(&depot, "pipeline", &[]);
     let command = command_of(find(&chunks, ":gear: warm (from cached)").1).to_owned();
     assert!(
@@ -839,7 +825,7 @@ depot.nix.build.mkTarget {
     run("2", false);
     run("3", false);
     depot.write("cached/key.txt", "v2\n");
-    commit(&depot, "new key");
+    depot.commit("new key");
     run("4", false);
     // Run 1 failed: nothing persisted, so run 2 missed; run 3 restored
     // run 2's cache; a changed key file starts afresh.

@@ -98,17 +98,7 @@ fn check_batch(dir: &str, names: &[String]) {
     }
     text.push_str("}\n");
     depot.write(&format!("hostile/{dir}/default.nix"), &text);
-    depot.git(&["add", "-A"]);
-    depot.git(&[
-        "-c",
-        "user.name=t",
-        "-c",
-        "user.email=t@t",
-        "commit",
-        "-q",
-        "-m",
-        "hostile",
-    ]);
+    depot.commit("hostile");
 
     let out = depot.out("pipeline");
     let res = drvkite()

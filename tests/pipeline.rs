@@ -205,17 +205,7 @@ fn hostile_attribute_names_build_the_right_attribute() {
             serde_json::to_string(nasty).unwrap().replace("${", "\\${")
         ),
     );
-    depot.git(&["add", "-A"]);
-    depot.git(&[
-        "-c",
-        "user.name=t",
-        "-c",
-        "user.email=t@t",
-        "commit",
-        "-q",
-        "-m",
-        "hostile",
-    ]);
+    depot.commit("hostile");
     let out = pipeline(&depot, &[]);
     validate_chunks(&out);
     let build = phases(&out).remove(0).1;
@@ -476,17 +466,7 @@ depot.nix.readTree.drvTargets {
 }
 "#,
     );
-    depot.git(&["add", "-A"]);
-    depot.git(&[
-        "-c",
-        "user.name=t",
-        "-c",
-        "user.email=t@t",
-        "commit",
-        "-q",
-        "-m",
-        "shapes",
-    ]);
+    depot.commit("shapes");
     let out = pipeline(&depot, &[]);
     validate_chunks(&out);
     let build = phases(&out).remove(0).1;

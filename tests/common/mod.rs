@@ -98,6 +98,20 @@ impl Depot {
         ok(Command::new("git").current_dir(&self.root).args(args))
     }
 
+    /// Commit everything in the depot's checkout.
+    pub fn commit(&self, message: &str) {
+        self.git(&["add", "-A"]);
+        self.git(&[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-qm",
+            message,
+        ]);
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.root.join(rel)
     }
