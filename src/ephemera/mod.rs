@@ -111,6 +111,19 @@ pub struct KeyArgs {
     pub key_drv: Option<String>,
 }
 
+impl KeyArgs {
+    /// The key inputs of set `name`, with key files read relative to `cwd`.
+    fn inputs(&self, name: &str, cwd: &std::path::Path) -> Result<KeyInputs> {
+        KeyInputs::collect(
+            name,
+            &self.salt,
+            &self.key_files,
+            self.key_drv.as_deref(),
+            cwd,
+        )
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum EphemeraCommand {
     /// Archive PATHs (relative to the working directory, or ~/…) as a new
@@ -275,13 +288,7 @@ async fn persist(ctx: &Ctx, name: &str, paths: &[String], key: &KeyArgs) -> Resu
         return Ok(ExitCode::SUCCESS);
     };
     let (cwd, anchors) = ctx.anchors()?;
-    let inputs = KeyInputs::collect(
-        name,
-        &key.salt,
-        &key.key_files,
-        key.key_drv.as_deref(),
-        &cwd,
-    )?;
+    let inputs = key.inputs(name, &cwd)?;
     let key = inputs.key();
     let mut sources: Vec<Source> = Vec::new();
     for arg in paths {
@@ -539,14 +546,7 @@ async fn restore(
         ));
     }
     let (cwd, anchors) = ctx.anchors()?;
-    let inputs = KeyInputs::collect(
-        name,
-        &key.salt,
-        &key.key_files,
-        key.key_drv.as_deref(),
-        &cwd,
-    )?;
-    let key = inputs.key();
+    let key = key.inputs(name, &cwd)?.key();
     let write_scope = job.write_scope(ctx.policy).map(|s| s.prefix());
     for scope in &scopes {
         let prefix = scope.prefix();
@@ -801,14 +801,7 @@ async fn show(ctx: &Ctx, name: &str, key: &KeyArgs, json: bool) -> Result<ExitCo
     }
     let readable = job.restore_scopes(ctx.policy);
     let (cwd, _) = ctx.anchors()?;
-    let current = KeyInputs::collect(
-        name,
-        &key.salt,
-        &key.key_files,
-        key.key_drv.as_deref(),
-        &cwd,
-    )
-    .map(|k| k.key());
+    let current = key.inputs(name, &cwd).map(|k| k.key());
     let mut chosen: Option<String> = None;
     let mut all = Vec::new();
     for scope in &scopes {
