@@ -8,7 +8,7 @@
 #
 # Builds drvkite with `cargo build --release` unless DRVKITE_BIN names a
 # binary. Needs nix-instantiate and python3 (stdlib only). Prints a Markdown
-# table; see the README's "Performance" section for how to read it.
+# table; see docs/performance.md for how to read it.
 set -euo pipefail
 # DRVKITE_BIN may be relative to the caller's folder.
 if [ -n "${DRVKITE_BIN:-}" ]; then DRVKITE_BIN=$(realpath "$DRVKITE_BIN"); fi

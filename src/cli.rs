@@ -75,7 +75,7 @@ pub enum Command {
     },
     /// Put a summary of the generated pipeline on the Buildkite build page.
     Annotate(crate::buildkite::annotate::AnnotateArgs),
-    /// Persist and restore caches between builds, safely (see README: Ephemera).
+    /// Persist and restore caches between builds, safely (see docs/ephemera.md).
     Ephemera(crate::ephemera::EphemeraArgs),
 }
 

@@ -1195,11 +1195,11 @@ fn the_schema_check_can_fail() {
 }
 
 #[test]
-fn the_readme_shows_the_example_pipeline() {
-    let readme = std::fs::read_to_string(Path::new(REPO).join("README.md")).unwrap();
+fn the_docs_show_the_example_pipeline() {
+    let readme = std::fs::read_to_string(Path::new(REPO).join("docs/buildkite.md")).unwrap();
     let yaml = std::fs::read_to_string(example_pipeline()).unwrap();
     assert!(
         readme.contains(&format!("```yaml\n{yaml}```")),
-        "README.md must carry examples/buildkite/pipeline.yml verbatim"
+        "docs/buildkite.md must carry examples/buildkite/pipeline.yml verbatim"
     );
 }

@@ -458,7 +458,7 @@ fn flake_lib_ci_targets_match_drvmap() {
     assert_eq!(tools, expected);
 }
 
-/// A copy of the example depot adopting drvkite as the README shows:
+/// A copy of the example depot adopting drvkite as docs/nix.md shows:
 /// drvkite's library copied into the depot's tree (readTree walks it like
 /// any other folder) and a default.nix that takes readTree from there and
 /// sets `ci.targets` to `ci_targets`.

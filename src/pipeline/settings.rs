@@ -61,7 +61,7 @@ pub struct Overrides {
 impl Overrides {
     pub fn from_depot(value: &Value, attr: &str) -> Result<Self> {
         serde_json::from_value(value.clone())
-            .with_context(|| format!("the depot's pipeline settings ({attr}) are not valid: fix the attribute (see README, \"Pipeline settings\")"))
+            .with_context(|| format!("the depot's pipeline settings ({attr}) are not valid: fix the attribute (see docs/commands.md, \"Pipeline settings from the depot\")"))
     }
 }
 
