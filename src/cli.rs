@@ -295,13 +295,22 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
         rendering.as_secs_f64(),
         writing.as_secs_f64()
     );
+    for w in &eval.warnings {
+        eprintln!("drvkite: warning: {w}");
+    }
     let status = if eval.broken.is_empty() {
         ExitCode::SUCCESS
     } else {
+        let nodes = eval.broken.iter().filter(|b| b.node).count();
+        let targets = eval.broken.len() - nodes;
+        let files = match nodes {
+            0 => String::new(),
+            1 => ", 1 readTree file".to_owned(),
+            n => format!(", {n} readTree files"),
+        };
         eprintln!(
-            "drvkite: {} of {} targets failed to evaluate: each has a failing step in the pipeline; exiting with status {EXIT_BROKEN_TARGETS}",
-            eval.broken.len(),
-            eval.broken.len() + eval.targets.len()
+            "drvkite: {targets} of {} targets{files} failed to evaluate: each has a failing step in the pipeline; exiting with status {EXIT_BROKEN_TARGETS}",
+            targets + eval.targets.len()
         );
         ExitCode::from(EXIT_BROKEN_TARGETS)
     };

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{Depot, drvkite, fails, ok, read_json};
+use common::{Depot, broken, drvkite, fails, ok, read_json};
 use serde_json::Value;
 
 /// Four targets that break in the four ways the issue names: `throw` and
@@ -102,20 +102,6 @@ fn folder(dir: &Path) -> BTreeMap<String, Vec<u8>> {
                 bytes = serde_json::to_vec(&v).unwrap();
             }
             (name, bytes)
-        })
-        .collect()
-}
-
-fn broken(out: &Path) -> BTreeMap<String, String> {
-    read_json(&out.join("summary.json"))["broken"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| {
-            (
-                b["label"].as_str().unwrap().to_owned(),
-                b["error"].as_str().unwrap().to_owned(),
-            )
         })
         .collect()
 }
@@ -243,11 +229,16 @@ fn fail_on_eval_error_fails_with_one_line_naming_the_target() {
 }
 
 #[test]
-fn a_depot_that_cannot_be_listed_is_one_whole_run_error() {
+fn an_error_outside_every_node_is_one_whole_run_error() {
     let depot = Depot::new();
-    // readTree imports every file to find the targets: this fails the
-    // listing itself, not one target.
-    depot.write("tools/syntax.nix", "{ depot, ... }: {\n");
+    // The root default.nix is no readTree node: nothing can be listed
+    // without it. (A broken file inside the tree is isolated instead:
+    // tests/isolation.rs.)
+    let root = std::fs::read_to_string(depot.path("default.nix")).unwrap();
+    depot.write(
+        "default.nix",
+        &root.replace("readTree.fix (", "readTree.fix ( {"),
+    );
     let out = depot.out("pipeline");
     let res = fails(
         drvkite()
@@ -262,7 +253,10 @@ fn a_depot_that_cannot_be_listed_is_one_whole_run_error() {
     let err = stderr(&res);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.starts_with("drvkite: evaluating depot "), "{err}");
-    assert!(err.contains("tools/syntax.nix"), "{err}");
+    assert!(
+        err.contains("syntax error") && err.contains("/default.nix:"),
+        "{err}"
+    );
     assert!(!out.exists());
 }
 

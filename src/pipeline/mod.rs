@@ -298,7 +298,11 @@ fn broken_step(b: &BrokenTarget, settings: &Settings) -> Map<String, Value> {
     let lines = [
         format!("{} failed to evaluate:", b.label),
         format!("  {}", b.error),
-        "drvkite generated neither its build step nor its extra steps: fix the error above (nix-instantiate on the target shows it in full)".to_owned(),
+        if b.node {
+            "this readTree file fails before its targets can even be listed, so drvkite generated no step for any of them: fix the error above".to_owned()
+        } else {
+            "drvkite generated neither its build step nor its extra steps: fix the error above (nix-instantiate on the target shows it in full)".to_owned()
+        },
     ];
     let quoted: Vec<String> = lines.iter().map(|l| command::sh_quote(l)).collect();
     let script = format!("printf '%s\\n' {} >&2; exit 1", quoted.join(" "));

@@ -242,6 +242,21 @@ pub fn build_step<'a>(steps: &'a [serde_json::Value], label: &str) -> &'a serde_
         .unwrap_or_else(|| panic!("no build step for {label}"))
 }
 
+/// A pipeline folder's broken targets (summary.json): label -> error.
+pub fn broken(out: &Path) -> std::collections::BTreeMap<String, String> {
+    read_json(&out.join("summary.json"))["broken"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["label"].as_str().unwrap().to_owned(),
+                b["error"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
 /// `s` as a Nix string literal: `"`, `\` and every `$` escaped (so no
 /// `${` can interpolate), line breaks and tabs as escapes, the rest as is.
 pub fn nix_string(s: &str) -> String {

@@ -19,8 +19,10 @@ use tokio::task::JoinSet;
 use crate::drvmap::{DrvMap, Entry};
 use crate::types::{AttrPath, DrvPath, Label};
 
-const EVAL_NIX: &str = include_str!("../nix/eval.nix");
-const READTREE_NIX: &str = include_str!("../nix/readTree/default.nix");
+mod walk;
+
+const EVAL_NIX: &str = include_str!("../../nix/eval.nix");
+const READTREE_NIX: &str = include_str!("../../nix/readTree/default.nix");
 
 /// The Nix tools drvkite runs, located on PATH.
 #[derive(Debug, Clone)]
@@ -87,12 +89,20 @@ pub struct BrokenTarget {
     pub label: Label,
     pub attr_path: AttrPath,
     pub error: String,
+    /// A readTree node (a file) that broke the target list, rather than
+    /// one target: whatever targets it defines are missing.
+    pub node: bool,
 }
 
 #[derive(Debug, Default)]
 pub struct Evaluation {
     pub targets: Vec<Target>,
+    /// Targets that failed to evaluate, and readTree nodes (files) that
+    /// failed so that their targets could not even be listed.
     pub broken: Vec<BrokenTarget>,
+    /// What the user should know about: a fallback taken, a deprecated
+    /// attribute used.
+    pub warnings: Vec<String>,
     /// The depot's pipeline settings attribute, if it has one.
     pub settings: Option<serde_json::Value>,
     pub duration: Duration,
@@ -240,6 +250,18 @@ struct Request {
     only: Option<Vec<Label>>,
     labels_only: bool,
     catch_errors: bool,
+    /// The depot as this evaluation sees it (broken nodes hidden).
+    scope: Arc<Scope>,
+    /// Walk the readTree nodes instead of listing targets.
+    walk: Option<walk::WalkSpec>,
+}
+
+/// How an evaluation sees the depot: without the files of its broken
+/// readTree nodes.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Scope {
+    /// Folder -> names its readDir must not show.
+    hidden: BTreeMap<String, Vec<String>>,
 }
 
 /// What one `nix-instantiate` run printed on stdout. In full mode the
@@ -432,16 +454,43 @@ impl Progress {
     }
 }
 
+/// A target list that failed to evaluate, with Nix's message: the
+/// evaluation looks for broken nodes rather than failing.
+#[derive(Debug)]
+struct ListFailed(String);
+
+impl std::fmt::Display for ListFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the target list failed to evaluate: {}", self.0)
+    }
+}
+
+impl std::error::Error for ListFailed {}
+
+impl Scope {
+    fn hide(&mut self, file: &walk::NodeFile) {
+        let names = self.hidden.entry(file.dir.clone()).or_default();
+        if !names.contains(&file.name) {
+            names.push(file.name.clone());
+        }
+    }
+}
+
 /// Everything a worker needs to run `nix-instantiate`, shared by the tasks.
 struct Runner {
     instantiate: PathBuf,
     internal_dir: PathBuf,
     depot: Utf8PathBuf,
     settings_attr: Vec<String>,
+    /// `--targets-attr`: the depot attribute listing the targets.
+    targets_attr: Option<Vec<String>>,
     max_memory: Option<ByteSize>,
     progress: Option<Arc<Progress>>,
     /// Marks this run's streamed records: `trace: drvkite:<tag>:`.
     tag: String,
+    /// Warnings the depot's evaluation printed that the user should see,
+    /// once each however many runs print them.
+    warnings: std::sync::Mutex<BTreeSet<String>>,
 }
 
 /// Most stderr text kept per child: the error is at its end.
@@ -455,6 +504,9 @@ struct StderrLines<'a> {
     runner: &'a Runner,
     record_prefix: Vec<u8>,
     traced: &'a AtomicUsize,
+    /// Where a node walk got to: kept outside, so a run killed for memory
+    /// still tells.
+    trail: &'a std::sync::Mutex<walk::Trail>,
     hook: Option<&'a TargetHook>,
     text: String,
     stream: Stream,
@@ -465,6 +517,13 @@ impl StderrLines<'_> {
         let progress = &self.runner.progress;
         if let Some(record) = line.strip_prefix(self.record_prefix.as_slice()) {
             let record = record.strip_suffix(b"\n").unwrap_or(record);
+            if let Some(mark) = walk::Mark::parse(record) {
+                self.trail
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .add(mark);
+                return;
+            }
             if let (Some(Record::Target(t)), Some(hook)) = (self.stream.add(record), self.hook) {
                 hook(t);
             }
@@ -488,6 +547,13 @@ impl StderrLines<'_> {
                 }
             }
             _ => {
+                if let Some(w) = deprecation_warning(&s) {
+                    self.runner
+                        .warnings
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(w);
+                }
                 let text = &mut self.text;
                 if text.len() > STDERR_KEEP {
                     let cut = text.len() - STDERR_KEEP / 2;
@@ -539,6 +605,21 @@ impl Runner {
         if !req.labels_only {
             cmd.arg("--argstr").arg("streamTag").arg(&self.tag);
         }
+        if let Some(attr) = &self.targets_attr {
+            cmd.arg("--argstr")
+                .arg("targetsAttrJSON")
+                .arg(serde_json::to_string(attr).expect("strings serialise"));
+        }
+        if !req.scope.hidden.is_empty() {
+            cmd.arg("--argstr")
+                .arg("maskJSON")
+                .arg(serde_json::to_string(&req.scope.hidden).expect("strings serialise"));
+        }
+        if let Some(walk) = &req.walk {
+            cmd.arg("--argstr")
+                .arg("walkJSON")
+                .arg(serde_json::to_string(walk).expect("node paths serialise"));
+        }
         if let Some(max) = &self.max_memory {
             // Boehm's heap is most of the process but not all of it (parse
             // trees, symbols and C++ strings live outside): capping it makes
@@ -555,6 +636,15 @@ impl Runner {
     }
 
     async fn run(&self, req: &Request, hook: Option<&TargetHook>) -> Result<Outcome> {
+        Ok(self.run_traced(req, hook).await?.0)
+    }
+
+    /// [`Runner::run`], with the trail a node walk left on stderr.
+    async fn run_traced(
+        &self,
+        req: &Request,
+        hook: Option<&TargetHook>,
+    ) -> Result<(Outcome, walk::Trail)> {
         let (stderr, stderr_writer) =
             std::io::pipe().context("cannot create a pipe for nix-instantiate's messages")?;
         let mut cmd = self.command(req);
@@ -576,8 +666,9 @@ impl Runner {
             let mut buf = Vec::new();
             stdout.read_to_end(&mut buf).await.map(|_| buf)
         };
+        let trail = std::sync::Mutex::new(walk::Trail::default());
         let finished = tokio::select! {
-            (out, err) = async { tokio::join!(read_stdout, self.read_stderr(stderr, &traced, hook)) } => Some((out, err)),
+            (out, err) = async { tokio::join!(read_stdout, self.read_stderr(stderr, &traced, &trail, hook)) } => Some((out, err)),
             () = self.watch_memory(pid) => None,
         };
         let outcome = match finished {
@@ -611,13 +702,18 @@ impl Runner {
             p.done
                 .fetch_sub(traced.load(Ordering::Relaxed), Ordering::Relaxed);
         }
-        Ok(outcome)
+        let trail = trail.into_inner().unwrap_or_else(|e| e.into_inner());
+        Ok((outcome, trail))
     }
 
     /// A successful run's result: its stdout, and in full mode the records
     /// it streamed.
     fn output(req: &Request, stdout: &[u8], streamed: Stream) -> Result<RawOutput> {
         let unexpected = |e| anyhow!("unexpected output from drvkite's Nix expression: {e}");
+        if req.walk.is_some() {
+            // A walk's result is its trail.
+            return Ok(RawOutput::default());
+        }
         if req.labels_only {
             let raw: RawStdout<RawHeader> = serde_json::from_slice(stdout).map_err(unexpected)?;
             return Ok(RawOutput {
@@ -648,6 +744,7 @@ impl Runner {
         &self,
         stderr: std::io::PipeReader,
         traced: &AtomicUsize,
+        trail: &std::sync::Mutex<walk::Trail>,
         hook: Option<&TargetHook>,
     ) -> (String, Stream) {
         use std::io::Read;
@@ -655,6 +752,7 @@ impl Runner {
             runner: self,
             record_prefix: format!("trace: drvkite:{}:", self.tag).into_bytes(),
             traced,
+            trail,
             hook,
             text: String::new(),
             stream: Stream::default(),
@@ -776,26 +874,26 @@ enum Job {
 }
 
 impl Job {
-    fn request(&self) -> Request {
-        match self {
-            Job::Eval(item) => Request {
-                shard: item.shard,
-                only: item.headers.as_ref().map(|h| labels_of(h)),
-                labels_only: false,
-                catch_errors: true,
-            },
-            Job::List(item, _) => Request {
-                shard: item.shard,
-                only: None,
-                labels_only: true,
-                catch_errors: true,
-            },
-            Job::Explain(item, _, header) => Request {
-                shard: item.shard,
-                only: Some(vec![header.label.clone()]),
-                labels_only: false,
-                catch_errors: false,
-            },
+    fn request(&self, scope: &Arc<Scope>) -> Request {
+        let (shard, only, labels_only, catch_errors) = match self {
+            Job::Eval(item) => (
+                item.shard,
+                item.headers.as_ref().map(|h| labels_of(h)),
+                false,
+                true,
+            ),
+            Job::List(item, _) => (item.shard, None, true, true),
+            Job::Explain(item, _, header) => {
+                (item.shard, Some(vec![header.label.clone()]), false, false)
+            }
+        };
+        Request {
+            shard,
+            only,
+            labels_only,
+            catch_errors,
+            scope: Arc::clone(scope),
+            walk: None,
         }
     }
 }
@@ -843,6 +941,7 @@ impl Schedule<'_> {
                 label: header.label,
                 attr_path: header.attr_path,
                 error,
+                node: false,
             }),
         ));
         Ok(())
@@ -880,7 +979,9 @@ impl Schedule<'_> {
         Ok(())
     }
 
-    fn handle(&mut self, job: Job, outcome: Outcome) -> Result<()> {
+    /// Take what a run found; `listed`: whether it got as far as the length
+    /// of the target list.
+    fn handle(&mut self, job: Job, outcome: Outcome, listed: bool) -> Result<()> {
         match (job, outcome) {
             (Job::Eval(item), Outcome::Done(mut raw)) => {
                 self.keep_settings(&item, &mut raw);
@@ -894,6 +995,11 @@ impl Schedule<'_> {
                         }
                     }
                 }
+            }
+            // Died before the list was whole: listing it again would die
+            // the same way.
+            (Job::Eval(item), Outcome::Failed(message)) if item.headers.is_none() && !listed => {
+                return Err(anyhow::Error::new(ListFailed(message)));
             }
             (Job::Eval(item), failure) => {
                 let cause = match failure {
@@ -918,7 +1024,10 @@ impl Schedule<'_> {
                 }
                 self.narrow(item, headers, cause)?;
             }
-            (Job::List(..), Outcome::Failed(message)) => return Err(self.depot_error(&message)),
+            // The list itself fails: its broken nodes are looked for.
+            (Job::List(..), Outcome::Failed(message)) => {
+                return Err(anyhow::Error::new(ListFailed(message)));
+            }
             (Job::List(..), Outcome::OutOfMemory) => {
                 return Err(match &self.runner.max_memory {
                     Some(max) => anyhow!(
@@ -968,15 +1077,25 @@ impl Evaluator {
             internal_dir: expr.dir.path().to_owned(),
             depot: check_depot(depot)?,
             settings_attr,
+            targets_attr: None,
             max_memory: None,
             progress: None,
             tag: stream_tag(),
+            warnings: Default::default(),
         };
         Ok(Evaluator {
             expr,
             runner: Arc::new(runner),
             workers: default_workers(),
         })
+    }
+
+    /// Read the targets from this depot attribute (`--targets-attr`)
+    /// instead of the `targetsAttr` setting or `ci.targets`.
+    pub fn with_targets_attr(mut self, attr: Option<Vec<String>>) -> Self {
+        let runner = Arc::get_mut(&mut self.runner).expect("runner not shared yet");
+        runner.targets_attr = attr;
+        self
     }
 
     /// Set the number of processes, their memory bound and progress.
@@ -1002,6 +1121,8 @@ impl Evaluator {
             only: Some(vec![label.clone()]),
             labels_only: false,
             catch_errors: false,
+            scope: Arc::default(),
+            walk: None,
         };
         let raw = match self.runner.run(&req, None).await? {
             Outcome::Done(raw) => raw,
@@ -1054,7 +1175,7 @@ impl Evaluator {
                 }
             })
         });
-        let result = self.schedule(fail_on_error, hook).await;
+        let result = self.isolate(fail_on_error, hook).await;
         if let Some(t) = ticker {
             t.abort();
             let _ = t.await;
@@ -1072,7 +1193,60 @@ impl Evaluator {
         Ok(eval)
     }
 
-    async fn schedule(&self, fail_on_error: bool, hook: Option<TargetHook>) -> Result<Evaluation> {
+    /// Evaluate; when the target list itself fails, find the broken readTree
+    /// nodes (see [`walk`]), hide them and evaluate again: each becomes a
+    /// broken target of its own, and every healthy target is still listed.
+    async fn isolate(&self, fail_on_error: bool, hook: Option<TargetHook>) -> Result<Evaluation> {
+        let mut scope = Scope::default();
+        let mut nodes: Vec<BrokenTarget> = Vec::new();
+        loop {
+            let error = match self
+                .schedule(fail_on_error, hook.clone(), Arc::new(scope.clone()))
+                .await
+            {
+                Ok(mut eval) => {
+                    nodes.append(&mut eval.broken);
+                    eval.broken = nodes;
+                    let printed = std::mem::take(
+                        &mut *self
+                            .runner
+                            .warnings
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()),
+                    );
+                    eval.warnings.extend(printed);
+                    return Ok(eval);
+                }
+                Err(e) => e.downcast::<ListFailed>()?,
+            };
+            let ListFailed(message) = error;
+            let depot_error =
+                || anyhow!("evaluating depot {} failed: {message}", self.runner.depot);
+            // The walk covers every node of the depot with the broken ones
+            // hidden: once it has run, a list that still fails fails in
+            // the depot's own code (its definition, or a rule forcing more
+            // of the nodes than gather does). A guessed list could hold
+            // targets the depot leaves out: no guess.
+            if fail_on_error || !scope.hidden.is_empty() {
+                return Err(depot_error());
+            }
+            let found = walk::find_broken_nodes(&self.runner, &scope).await?;
+            if found.is_empty() {
+                return Err(depot_error());
+            }
+            for node in found {
+                scope.hide(&node.file);
+                nodes.push(node.into_broken());
+            }
+        }
+    }
+
+    async fn schedule(
+        &self,
+        fail_on_error: bool,
+        hook: Option<TargetHook>,
+        scope: Arc<Scope>,
+    ) -> Result<Evaluation> {
         let n = self.workers;
         let mut s = Schedule {
             runner: &self.runner,
@@ -1098,8 +1272,9 @@ impl Evaluator {
                 };
                 let runner = Arc::clone(&self.runner);
                 let hook = hook.clone();
+                let request = job.request(&scope);
                 running.spawn(async move {
-                    let outcome = runner.run(&job.request(), hook.as_ref()).await;
+                    let outcome = runner.run_traced(&request, hook.as_ref()).await;
                     (job, outcome)
                 });
             }
@@ -1107,7 +1282,8 @@ impl Evaluator {
                 break;
             };
             let (job, outcome) = joined.context("an evaluation task failed")?;
-            s.handle(job, outcome?)?;
+            let (outcome, trail) = outcome?;
+            s.handle(job, outcome, trail.listed())?;
         }
         s.found.sort_by(|a, b| a.0.cmp(&b.0));
         let mut eval = Evaluation {
@@ -1177,6 +1353,25 @@ derivation {
   drvs = map builtins.storePath (builtins.fromJSON (builtins.readFile listFile));
 }
 "#;
+
+/// readTree's warning about the deprecated `meta.targets` (drvkite's
+/// readTree and TVL's word it differently), as one line for the user;
+/// `None` for any other stderr line.
+fn deprecation_warning(line: &str) -> Option<String> {
+    let text = line.trim().strip_prefix("trace:").unwrap_or(line).trim();
+    let label = if let Some(rest) = text.split_once("readTree: ").map(|(_, r)| r) {
+        rest.split_once(" uses meta.targets, which is deprecated")?
+            .0
+    } else {
+        // TVL's, over lines: "Please move the subtargets of //<label> to
+        // the\nmeta.ci.targets attribute."
+        text.strip_prefix("Please move the subtargets of //")?
+            .strip_suffix(" to the")?
+    };
+    Some(format!(
+        "{label} lists subtargets in meta.targets, which is deprecated (they are still built, as TVL does): move them to meta.ci.targets"
+    ))
+}
 
 /// Reduce Nix's multi-line error report to one line: the `error:` message
 /// and the first location in the user's files (drvkite's own are noise).
@@ -1308,6 +1503,26 @@ mod tests {
                 err.starts_with("unexpected output from drvkite's Nix expression"),
                 "{err}"
             );
+        }
+    }
+
+    #[test]
+    fn recognises_both_readtrees_deprecation_warnings() {
+        let ours = "trace: \u{1b}[1;31mreadTree: tools/a uses meta.targets, which is deprecated; use meta.ci.targets\u{1b}[0m\n";
+        let tvl = "Please move the subtargets of //tools/b to the\n";
+        let w = deprecation_warning(ours).unwrap();
+        assert!(
+            w.starts_with("tools/a lists subtargets in meta.targets"),
+            "{w}"
+        );
+        assert!(deprecation_warning(tvl).unwrap().starts_with("tools/b "));
+        for other in [
+            "meta.ci.targets attribute.",
+            "trace: readTree: something else",
+            "error: boom",
+            "",
+        ] {
+            assert_eq!(deprecation_warning(other), None, "{other}");
         }
     }
 
