@@ -490,17 +490,85 @@ fn values_with_override_attrs_get_markers_through_passthru() {
     );
 }
 
+/// readTree's scopedArgs as snix's root sets them: a throwing
+/// `builtins.currentSystem` and a flag only tree files should see.
+const SNIX_SCOPED: &str = r#"{ scopedArgs = {
+    magic = "M";
+    builtins = builtins // {
+      scopedFlag = true;
+      currentSystem = throw "use localSystem, not builtins.currentSystem";
+    };
+  }; }"#;
+
 #[test]
-fn scoped_args_reach_files_and_their_imports() {
+fn scoped_args_reach_tree_files_only_not_the_files_they_import() {
+    let (value, stderr) = eval_with_stderr(&format!(
+        r#"let t = read "scoped" {SNIX_SCOPED}; in {{ inherit (t) pkg other; }}"#
+    ));
+    let markers = |p: &[&str]| json!({ "__readTree": p, "__readTreeChildren": [] });
+    let with = |v: Value, m: Value| {
+        let mut v = v;
+        v.as_object_mut()
+            .unwrap()
+            .extend(m.as_object().unwrap().clone());
+        v
+    };
+    let system = eval("builtins.currentSystem");
     assert_eq!(
-        eval(r#"(read "scoped" { scopedArgs = { magic = "M"; }; }).pkg"#),
+        value,
         json!({
-            "direct": "M",
-            "nested": "M (nested import)",
-            "viaBuiltins": "M (nested import)",
-            "__readTree": ["pkg"],
-            "__readTreeChildren": [],
+            "pkg": with(json!({
+                "direct": "M",
+                "treeSeesFlag": true,
+                "helperSeesFlag": false,
+                "helperViaBuiltinsSeesFlag": false,
+                "shared": { "value": 1 },
+            }), markers(&["pkg"])),
+            // The helper reads the real currentSystem, as under TVL.
+            "other": with(json!({ "shared": { "value": 1 }, "system": system }), markers(&["other"])),
         })
+    );
+    // Imported twice through plain `import`: Nix's import cache evaluates
+    // it once (a scopedImport would evaluate it for each).
+    assert_eq!(
+        stderr.matches("drvkite-test: shared.nix evaluated").count(),
+        1,
+        "{stderr}"
+    );
+    // The tree file itself does get the throwing currentSystem.
+    let err = eval_error(&format!(
+        r#"(read "scoped" {SNIX_SCOPED}).uses-system.system"#
+    ));
+    assert_mentions(&err, &["use localSystem"]);
+}
+
+#[test]
+fn a_folder_named_like_a_nix_file_is_read_twice_as_in_tvl() {
+    // `d.nix/` is a folder (attribute `d.nix`) and, by its name, a file
+    // whose import is its default.nix (attribute `d`).
+    assert_eq!(
+        eval(
+            r#"let t = read "dnix" { }; in { names = builtins.attrNames t; inherit (t) d; dnix = t."d.nix"; }"#
+        ),
+        json!({
+            "names": ["__readTree", "__readTreeChildren", "d", "d.nix", "plain"],
+            "d": { "locatedAt": ["d"], "__readTree": ["d"], "__readTreeChildren": [] },
+            "dnix": { "locatedAt": ["d.nix"], "__readTree": ["d.nix"], "__readTreeChildren": [] },
+        })
+    );
+}
+
+#[test]
+fn a_file_that_evaluates_to_a_functor_is_not_called() {
+    assert_eq!(eval(r#"(read "functor" { }).g"#), json!("fine"));
+    let stderr = eval_error(r#"(read "functor" { }).f"#);
+    assert_mentions(
+        &stderr,
+        &[
+            &format!("{FIXTURES}/functor/f.nix"),
+            "__functor",
+            "must be a function",
+        ],
     );
 }
 

@@ -3,10 +3,16 @@
 # Compatible with TVL's //nix/readTree: a depot written for that library
 # works unchanged with this one. Rules, in short:
 #
-#   - every folder and every `<name>.nix` file becomes the attribute `<name>`;
+#   - every folder and every `<name>.nix` file becomes the attribute `<name>`
+#     (a folder named `<name>.nix` is both: `<name>.nix`, read as a folder,
+#     and `<name>`, the import of its default.nix);
 #   - a folder's `default.nix`, when present, is the folder's value; its
 #     sibling `.nix` files are then not read, its subfolders still are;
 #   - a value that is not an attribute set stops the traversal there;
+#   - every file must be a function (a set with `__functor` is not one,
+#     and is not called);
+#   - `scopedArgs` reach the tree's files only: the files they import get
+#     the normal builtins (and Nix's import cache);
 #   - `.skip-tree` drops a folder, `.skip-subtree` keeps only its default.nix;
 #   - hidden entries (leading `.`) are ignored;
 #   - attribute sets get the markers `__readTree` (path components) and
@@ -67,26 +73,15 @@ let
     else
       value // extra;
 
-  # scopedImport that hands `scopedArgs` on to every file the imported
-  # file imports in turn (through `import`, `builtins.import` or
-  # `scopedImport`), so what a depot puts there cannot be escaped through a
-  # helper file. TVL's readTree does the same.
-  scopedImportDeep =
-    scopedArgs:
-    let
-      deepArgs = scopedArgs // {
-        import = scopedImportDeep scopedArgs;
-        scopedImport = more: scopedImportDeep (scopedArgs // more);
-        builtins = (scopedArgs.builtins or builtins) // {
-          inherit (deepArgs) import scopedImport;
-        };
-      };
-    in
-    builtins.scopedImport deepArgs;
-
+  # As TVL's readTree: `scopedArgs` apply to the tree's own files. What
+  # those import goes through the normal `import`, with the normal builtins
+  # and Nix's import cache (scopedImport has none).
   importWith =
     scopedArgs: path:
-    if scopedArgs != { } && builtins ? scopedImport then scopedImportDeep scopedArgs path else import path;
+    if scopedArgs != { } && builtins ? scopedImport then
+      builtins.scopedImport scopedArgs path
+    else
+      import path;
 
   importFile =
     ctx: parts: here: path:
@@ -95,10 +90,12 @@ let
       base = if isFunction ctx.args then ctx.args { locatedAt = parts; } else ctx.args;
       args = ctx.filter parts ({ locatedAt = parts; } // base // { inherit here; });
     in
-    if isFunction f || (isAttrs f && f ? __functor) then
+    if isFunction f then
       f args
     else
-      throw "readTree: ${toString path} evaluates to a ${typeOf f}; every file in the tree must be a function, e.g. { depot, pkgs, ... }: …";
+      throw "readTree: ${toString path} evaluates to a ${
+        if isAttrs f && f ? __functor then "set with __functor (which readTree does not call)" else typeOf f
+      }; every file in the tree must be a function, e.g. { depot, pkgs, ... }: …";
 
   readNode =
     ctx: path: parts: isRoot:
@@ -115,14 +112,13 @@ let
 
       subdirs = if skipSubtree then [ ] else filter (n: entries.${n} == "directory") visible;
 
+      # Any entry named `*.nix`, as in TVL's readTree: a folder `d.nix`
+      # gives `d` (the import of d.nix/default.nix) besides `d.nix`.
       nixFiles =
         if skipSubtree || hasDefault then
           [ ]
         else
-          filter (
-            n:
-            n != "default.nix" && nixAttrName n != null && (entries.${n} == "regular" || entries.${n} == "symlink")
-          ) visible;
+          filter (n: n != "default.nix" && nixAttrName n != null) visible;
 
       dirChildren = concatMap (
         n:
