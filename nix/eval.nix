@@ -146,7 +146,7 @@ let
   # the caller's mistake, not a broken node.
   listAttrChecked =
     if chosenAttr != null && !hasCiTargets then
-      throw "drvkite: the depot has no attribute ${targetsAttrName} (named by ${chosenAttr.how}): check the name, or define it in the depot's default.nix"
+      throw "the depot has no attribute ${targetsAttrName} (named by ${chosenAttr.how}): check the name, or define it in the depot's default.nix"
     else
       true;
   depotList =
@@ -156,7 +156,7 @@ let
     if isList l then
       l
     else
-      throw "drvkite: the depot's ${targetsAttrName} is a ${typeOf l}, not a list of targets: make it a list (e.g. readTree.gather eligible depot)";
+      throw "the depot's ${targetsAttrName} is a ${typeOf l}, not a list of targets: make it a list (e.g. readTree.gather eligible depot)";
 
   allTargets =
     assert listAttrChecked;

@@ -12,13 +12,9 @@ let
   readTree = import ./readTree { };
 
   # The rule drvkite applies to a depot without `ci.targets` (see
-  # nix/eval.nix): derivations that are neither skipped nor broken.
-  ciEligible =
-    t:
-    builtins.isAttrs t
-    && (t.type or null) == "derivation"
-    && !(t.meta.ci.skip or false)
-    && !(t.meta.broken or false);
+  # nix/eval.nix), TVL's: anything with an outPath, unless skipped, or
+  # marked broken (`meta.ci.skip = false` keeps a broken-marked target).
+  ciEligible = t: (t ? outPath) && !(t.meta.ci.skip or (t.meta.broken or false));
 
   # A depot's CI targets: every readTree node (and `meta.ci.targets`
   # subtarget) that `eligible` accepts, in readTree order.

@@ -94,6 +94,11 @@ pub struct PipelineArgs {
     /// Attribute path of the depot's pipeline settings (dot-separated).
     #[arg(long, env = "DRVKITE_SETTINGS_ATTR", default_value = "ci.drvkite")]
     pub settings_attr: String,
+    /// The depot attribute that lists the targets, e.g. ci.fastTargets for
+    /// a second, fast pipeline (default: the depot's targetsAttr setting,
+    /// else ci.targets, else drvkite's own gather).
+    #[arg(long, env = "DRVKITE_TARGETS_ATTR", value_parser = parse_attr_path)]
+    pub targets_attr: Option<AttrNames>,
     /// Known phases, in order (default: build,release).
     #[arg(long, env = "DRVKITE_PHASES", value_delimiter = ',')]
     pub phases: Option<Vec<String>>,
@@ -146,6 +151,21 @@ pub struct PipelineArgs {
     pub progress: bool,
 }
 
+/// An attribute path given as `a.b.c`.
+#[derive(Debug, Clone)]
+pub struct AttrNames(pub Vec<String>);
+
+/// `a.b.c` as attribute names; every name non-empty.
+fn parse_attr_path(s: &str) -> Result<AttrNames, String> {
+    let names: Vec<String> = s.split('.').map(str::to_owned).collect();
+    if names.iter().any(String::is_empty) {
+        return Err(format!(
+            "{s:?} is not an attribute path: give dot-separated names, e.g. ci.fastTargets"
+        ));
+    }
+    Ok(AttrNames(names))
+}
+
 fn parse_json_flag<T: serde::de::DeserializeOwned>(
     flag: &str,
     value: &Option<String>,
@@ -174,6 +194,8 @@ impl PipelineArgs {
             chunk_size: self.chunk_size,
             bootstrap_key: self.bootstrap_key.clone(),
             out_link_dir: self.out_link_dir.clone(),
+            // The evaluation applies it (Evaluator::with_targets_attr).
+            targets_attr: self.targets_attr.as_ref().map(|a| a.0.join(".")),
         })
     }
 }
@@ -194,8 +216,9 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
         max_memory: args.max_memory.clone(),
         progress: args.progress || std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
-    let evaluator =
-        Evaluator::new(Nix::locate()?, &args.depot, settings_attr)?.with_tuning(&tuning);
+    let evaluator = Evaluator::new(Nix::locate()?, &args.depot, settings_attr)?
+        .with_tuning(&tuning)
+        .with_targets_attr(args.targets_attr.clone().map(|a| a.0));
     let (parent, mut warning) = ParentMap::load(args.parent_map.as_deref());
     // Read the .drv files of the targets that may be built while Nix goes
     // on with the others.

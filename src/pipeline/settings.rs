@@ -56,6 +56,9 @@ pub struct Overrides {
     pub chunk_size: Option<usize>,
     pub bootstrap_key: Option<String>,
     pub out_link_dir: Option<String>,
+    /// The attribute listing the targets (`--targets-attr`); read by the
+    /// evaluation itself, accepted here so the setting is no typo.
+    pub targets_attr: Option<String>,
 }
 
 impl Overrides {
