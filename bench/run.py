@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Benchmark driver: `scripts/bench.sh` runs it; see there for usage.
 
-    bench/run.py --drvkite BIN [--runs N] SIZE...
+    bench/run.py --drvkite BIN [--baseline BIN] [--runs N] SIZE...
 
 For each size: generate a fresh synthetic depot (new salt, so no .drv of it
 is in the store yet), then measure the floor (bench/floor.nix) and
-`drvkite pipeline` on it, alternating, and print one Markdown table.
+`drvkite pipeline` on it, alternating, and print one Markdown table. With
+--baseline, another drvkite binary (say, main's) runs alongside, and a line
+per size compares the two.
 
 Every command runs once as a warm-up (which also writes the depot's .drv
 files to the store, so each measured run sees the same warm store) and then
@@ -46,6 +48,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--drvkite", required=True)
     ap.add_argument("--runs", type=int, default=None)
+    ap.add_argument("--baseline", help="another drvkite binary to compare with, side by side")
     ap.add_argument("--keep", action="store_true", help="keep the generated depots")
     ap.add_argument("sizes", type=int, nargs="+")
     args = ap.parse_args()
@@ -53,6 +56,7 @@ def main():
     workers = has_workers_flag(args.drvkite)
     work = tempfile.mkdtemp(prefix="drvkite-bench-")
     rows = []
+    versus = []
     try:
         for size in args.sizes:
             depot = os.path.join(work, f"depot-{size}")
@@ -81,6 +85,8 @@ def main():
             }
             if workers:
                 tools["drvkite --workers 2"] = tools["drvkite"] + ["--workers", "2"]
+            if args.baseline:
+                tools["baseline"] = [args.baseline] + tools["drvkite"][1:]
             runs = args.runs or 3
             best = {}
             for name, cmd in tools.items():
@@ -106,6 +112,9 @@ def main():
                         r["rss_kb"] / floor["rss_kb"],
                     )
                 )
+            if args.baseline:
+                new, old = best["drvkite"], best["baseline"]
+                versus.append((size, new["wall"] / old["wall"], new["cpu"] / max(old["cpu"], 1e-9)))
             shutil.rmtree(out, ignore_errors=True)
             if not args.keep:
                 shutil.rmtree(depot, ignore_errors=True)
@@ -121,6 +130,8 @@ def main():
         print(f"| {size} | {extra} | {name} | {wall:.2f} | {cpu:.2f} | {mb:.0f} | {wr:.2f} | {rr:.2f} |")
     if not workers:
         print("(drvkite has no --workers flag yet: that row is left out)")
+    for size, wall, cpu in versus:
+        print(f"drvkite ÷ baseline at {size} targets: wall {wall:.3f}, CPU {cpu:.3f}")
     print(f"machine: {machine()}")
 
 

@@ -5,6 +5,8 @@
 #   scripts/bench.sh                 # 1000, 4000 and 16000 targets
 #   scripts/bench.sh 2000 8000       # other sizes (or BENCH_SIZES="2000 8000")
 #   scripts/bench.sh --smoke         # 50 targets, one run: checks the script works
+#   DRVKITE_BASELINE_BIN=old/drvkite scripts/bench.sh 4000   # also run another
+#                                    # binary, side by side, and compare
 #
 # Builds drvkite with `cargo build --release` unless DRVKITE_BIN names a
 # binary. Needs nix-instantiate and python3 (stdlib only). Prints a Markdown
@@ -19,7 +21,7 @@ sizes=()
 for arg in "$@"; do
   case "$arg" in
     --smoke) smoke=1 ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *[!0-9]*|'') echo "bench.sh: unknown argument $arg: pass target counts or --smoke" >&2; exit 2 ;;
     *) sizes+=("$arg") ;;
   esac
@@ -43,4 +45,7 @@ fi
 
 runs=()
 [ "$smoke" = 1 ] && runs=(--runs 1)
-exec python3 bench/run.py --drvkite "$bin" "${runs[@]}" "${sizes[@]}"
+baseline=()
+if [ -n "${DRVKITE_BASELINE_BIN:-}" ]; then baseline=(--baseline "$(realpath "$DRVKITE_BASELINE_BIN")"); fi
+[ -n "${BENCH_RUNS:-}" ] && [ "$smoke" = 0 ] && runs=(--runs "$BENCH_RUNS")
+exec python3 bench/run.py --drvkite "$bin" "${baseline[@]}" "${runs[@]}" "${sizes[@]}"
