@@ -11,13 +11,33 @@
 //! broken (it reads the target list, say): each found node is probed once
 //! more with the others hidden, and kept only if it still fails.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use anyhow::{Result, anyhow, bail};
 use camino::Utf8Path;
 use serde::Serialize;
-use std::sync::Arc;
 
-use super::{BrokenTarget, Outcome, Request, Runner, Scope};
+use super::BrokenTarget;
+use super::run::{Outcome, Request, Runner};
 use crate::types::{AttrPath, Label};
+
+/// How an evaluation sees the depot: without the files of its broken
+/// readTree nodes.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Scope {
+    /// Folder -> names its readDir must not show.
+    pub(super) hidden: BTreeMap<String, Vec<String>>,
+}
+
+impl Scope {
+    pub(super) fn hide(&mut self, file: &NodeFile) {
+        let names = self.hidden.entry(file.dir.clone()).or_default();
+        if !names.contains(&file.name) {
+            names.push(file.name.clone());
+        }
+    }
+}
 
 /// What a walk run is asked for (nix/eval.nix's `walkJSON`).
 #[derive(Debug, Clone, Serialize)]
