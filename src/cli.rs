@@ -77,6 +77,11 @@ pub enum Command {
     Annotate(crate::buildkite::annotate::AnnotateArgs),
     /// Persist and restore caches between builds, safely (see docs/ephemera.md).
     Ephemera(crate::ephemera::EphemeraArgs),
+    /// Make a depot's git checkout ready for drvkite in CI: write the
+    /// bootstrap pipeline (.buildkite/drvkite.yml) and the .gitignore lines
+    /// for the steps' out-links, and check for readTree. Never replaces a
+    /// file; a second run changes nothing.
+    Init(crate::init::InitArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -380,6 +385,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ephemera(args) => crate::ephemera::run(args).await,
+        Command::Init(args) => crate::init::run(&args),
     }
 }
 

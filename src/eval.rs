@@ -20,7 +20,7 @@ use crate::drvmap::{DrvMap, Entry};
 use crate::types::{AttrPath, DrvPath, Label};
 
 const EVAL_NIX: &str = include_str!("../nix/eval.nix");
-const READTREE_NIX: &str = include_str!("../nix/readTree/default.nix");
+pub const READTREE_NIX: &str = include_str!("../nix/readTree/default.nix");
 
 /// The Nix tools drvkite runs, located on PATH.
 #[derive(Debug, Clone)]

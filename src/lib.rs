@@ -13,5 +13,6 @@ pub mod ephemera;
 pub mod eval;
 pub mod explain;
 pub mod graph;
+pub mod init;
 pub mod pipeline;
 pub mod types;

@@ -1148,7 +1148,7 @@ fn on_the_default_branch_nothing_is_fetched() {
 // The static pipeline that bootstraps drvkite in CI.
 
 fn example_pipeline() -> PathBuf {
-    Path::new(REPO).join("examples/buildkite/pipeline.yml")
+    Path::new(REPO).join("src/init/drvkite.yml")
 }
 
 #[test]
@@ -1200,6 +1200,6 @@ fn the_docs_show_the_example_pipeline() {
     let yaml = std::fs::read_to_string(example_pipeline()).unwrap();
     assert!(
         readme.contains(&format!("```yaml\n{yaml}```")),
-        "docs/buildkite.md must carry examples/buildkite/pipeline.yml verbatim"
+        "docs/buildkite.md must carry src/init/drvkite.yml (what drvkite init writes) verbatim"
     );
 }
