@@ -96,6 +96,10 @@ pub struct PipelineArgs {
     /// skipped. Missing or invalid: every target is built.
     #[arg(long, env = "DRVKITE_PARENT_MAP")]
     pub parent_map: Option<Utf8PathBuf>,
+    /// Strict mode for CI: a missing or unusable parent map fails the run
+    /// (status 1, nothing written) instead of building every target.
+    #[arg(long, env = "DRVKITE_REQUIRE_PARENT_MAP")]
+    pub require_parent_map: bool,
     /// Attribute path of the depot's pipeline settings (dot-separated).
     #[arg(long, env = "DRVKITE_SETTINGS_ATTR", default_value = "ci.drvkite")]
     pub settings_attr: String,
@@ -202,6 +206,11 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     let evaluator =
         Evaluator::new(Nix::locate()?, &args.depot, settings_attr)?.with_tuning(&tuning);
     let (parent, mut warning) = ParentMap::load(args.parent_map.as_deref());
+    crate::pipeline::require_parent_map(
+        args.require_parent_map,
+        args.parent_map.is_some(),
+        &warning,
+    )?;
     // Read the .drv files of the targets that may be built while Nix goes
     // on with the others.
     let prefetch = crate::graph::Prefetch::start();
@@ -240,6 +249,11 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     settings.validate()?;
     if let (None, Some(path)) = (&warning, &args.parent_map) {
         warning = parent.check_against(path, &eval);
+        crate::pipeline::require_parent_map(
+            args.require_parent_map,
+            args.parent_map.is_some(),
+            &warning,
+        )?;
     }
     let detail = match (&warning, &args.parent_map) {
         (Some(w), _) => {

@@ -110,6 +110,34 @@ impl ParentMap {
     }
 }
 
+/// `--require-parent-map`: the reason the parent map cannot be used (a
+/// warning from [`ParentMap`]) becomes an error.
+pub fn require_parent_map(required: bool, given: bool, warning: &Option<String>) -> Result<()> {
+    if !required {
+        return Ok(());
+    }
+    if !given {
+        anyhow::bail!(
+            "--require-parent-map (DRVKITE_REQUIRE_PARENT_MAP) needs a parent map: pass --parent-map FILE; nothing was written"
+        );
+    }
+    if let Some(w) = warning {
+        // The warning's wording, less what no longer happens.
+        let reason = w
+            .strip_suffix("; building every target")
+            .or_else(|| w.strip_suffix(": building every target"))
+            .unwrap_or(w);
+        let reason = match reason.strip_prefix("ignoring the parent map") {
+            Some(rest) => format!("parent map{}", rest.strip_prefix(':').unwrap_or(rest)),
+            None => reason.to_owned(),
+        };
+        anyhow::bail!(
+            "{reason}; --require-parent-map fails the run rather than build every target: check --parent-map; nothing was written"
+        );
+    }
+    Ok(())
+}
+
 /// Build-step facts an extra step needs about its parent.
 #[derive(Debug, Clone)]
 pub struct ParentStep {
