@@ -1,0 +1,107 @@
+//! What a new user meets first: the demo script, the example depot copied
+//! away as a template, import errors that say where to look, and `--help`
+//! that explains every argument.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+/// `drvkite drvmap` of a depot into `out`; the map's labels.
+fn drvmap(depot: &Path, out: &Path) -> serde_json::Value {
+    ok(drvkite()
+        .arg("drvmap")
+        .arg("--depot")
+        .arg(depot)
+        .arg("--out")
+        .arg(out));
+    read_json(out)
+}
+
+/// `drvkite pipeline` on a depot into `<tmp>/p`: its status and stderr.
+fn run_pipeline(depot: &Depot, args: &[&str]) -> (Option<i32>, String) {
+    let res = drvkite()
+        .arg("pipeline")
+        .arg("--depot")
+        .arg(&depot.root)
+        .arg("--out")
+        .arg(depot.out("p"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr).into_owned();
+    (res.status.code(), stderr)
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    ok(Command::new("cp").arg("-r").arg(from).arg(to));
+}
+
+#[test]
+fn a_copied_example_depot_evaluates_to_the_same_map() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = drvmap(
+        &Path::new(REPO).join("examples/depot"),
+        &tmp.path().join("repo.json"),
+    );
+    // Copied as a user would, to a place with nothing around it.
+    let copy = tmp.path().join("my-depot");
+    copy_tree(&Path::new(REPO).join("examples/depot"), &copy);
+    assert_eq!(drvmap(&copy, &tmp.path().join("copy.json")), repo);
+    assert!(repo.as_object().unwrap().len() > 10, "{repo}");
+    // Its readTree is a copy of drvkite's, kept the same.
+    let read = |p: &str| std::fs::read(Path::new(REPO).join(p)).unwrap();
+    assert!(
+        read("examples/depot/nix/readTree/default.nix") == read("nix/readTree/default.nix"),
+        "examples/depot/nix/readTree/default.nix must be a copy of nix/readTree/default.nix"
+    );
+}
+
+#[test]
+fn a_missing_import_names_the_file_that_imports_it() {
+    let depot = Depot::new();
+    // What copying the example depot used to do: its readTree forwarded
+    // to a path that is not there.
+    depot.write(
+        "nix/readTree/default.nix",
+        "import ../../../../nix/readTree\n",
+    );
+    let out = fails(
+        drvkite()
+            .arg("drvmap")
+            .arg("--depot")
+            .arg(&depot.root)
+            .arg("--out")
+            .arg(depot.out("m.json")),
+    );
+    let line = one_line_failure(&out);
+    let importer = depot.root.join("nix/readTree/default.nix");
+    assert!(
+        line.contains(&format!("(imported by {}:1)", importer.display())),
+        "{line}"
+    );
+    assert!(line.contains("getting status of"), "{line}");
+
+    // In one target: that target is broken, and says where.
+    let depot = Depot::new();
+    depot.write(
+        "tools/gone.nix",
+        "{ depot, ... }: depot.nix.build.mkTarget { name = \"gone\"; text = import ./moved.nix; }\n",
+    );
+    let (status, stderr) = run_pipeline(&depot, &[]);
+    assert_eq!(status, Some(3), "{stderr}");
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains("tools/gone failed to evaluate"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        warning.contains(&format!(
+            "(imported by {}:1)",
+            depot.root.join("tools/gone.nix").display()
+        )),
+        "{warning}"
+    );
+}
+
