@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
@@ -103,5 +103,67 @@ fn a_missing_import_names_the_file_that_imports_it() {
         )),
         "{warning}"
     );
+}
+
+/// The folder cargo builds this crate in: the test binaries' profile
+/// folder's parent.
+fn target_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_drvkite"))
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn the_demo_runs_with_cargo_target_dir_elsewhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    // This build's target folder, given relative to the caller's folder:
+    // the script must resolve it there, and ask cargo for the binary.
+    // (The same folder, so cargo has nothing to rebuild.)
+    let up = "../".repeat(tmp.path().components().count() - 1);
+    let relative = format!(
+        "{up}{}",
+        target_dir().display().to_string().trim_start_matches('/')
+    );
+    let mut demo = Command::new("bash");
+    // A user's shell has none of what cargo sets for this test (some
+    // build scripts rebuild when CARGO_MANIFEST_DIR changes).
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if (name.starts_with("CARGO") && name != "CARGO_HOME")
+            || ["RUST_RECURSION_COUNT", "LD_LIBRARY_PATH", "DRVKITE_BIN"].contains(&&*name)
+        {
+            demo.env_remove(&*name);
+        }
+    }
+    let res = demo
+        .arg(Path::new(REPO).join("scripts/demo.sh"))
+        .arg("out")
+        .current_dir(tmp.path())
+        .env("CARGO_TARGET_DIR", &relative)
+        .env("NIX_CONFIG", "substituters =")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&res.stdout),
+        String::from_utf8_lossy(&res.stderr),
+    );
+    assert!(res.status.success(), "{stdout}\n{stderr}");
+    let out = tmp.path().join("out");
+    assert!(
+        stdout.contains(&format!("The demo's output is in {}", out.display())),
+        "{stdout}"
+    );
+    // Cargo names the binary by its resolved path.
+    let bin = target_dir().canonicalize().unwrap().join("debug/drvkite");
+    assert!(
+        stdout.contains(&format!("{} init --depot DIR", bin.display())),
+        "{stdout}"
+    );
+    assert!(!stderr.contains("note:"), "{stderr}");
+    let summary = read_json(&out.join("pipeline-changed/summary.json"));
+    assert_eq!(summary["unchanged"], 4, "{summary}");
+    assert_eq!(summary["changed"].as_array().unwrap().len(), 8);
 }
 
