@@ -46,7 +46,9 @@ pub enum Command {
     Pipeline(PipelineArgs),
     /// Compare two derivation maps: added, removed and changed labels.
     Diff {
+        /// The older derivation map (e.g. the parent build's drvmap.json).
         old: Utf8PathBuf,
+        /// The newer derivation map.
         new: Utf8PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -59,6 +61,7 @@ pub enum Command {
         /// The derivation map to compare against.
         #[arg(long)]
         parent_map: Utf8PathBuf,
+        /// Root folder of the depot (holding its default.nix).
         #[arg(long, env = "DRVKITE_DEPOT", default_value = ".")]
         depot: Utf8PathBuf,
         /// How many levels of changed input derivations to follow.
@@ -287,17 +290,10 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     let files =
         crate::pipeline::write_with(&generated, &drvmap_json, &args.out, settings.chunk_size)?;
     let writing = write_started.elapsed();
-    let s = &generated.summary;
     eprintln!(
-        "wrote {}: {} chunk files; {} targets, {} changed, {} unchanged, {} extra steps, {} broken; evaluation {:.1}s",
+        "wrote {}: {}",
         args.out,
-        files.len(),
-        s.targets,
-        s.changed.len(),
-        s.unchanged,
-        s.extra_steps,
-        s.broken.len(),
-        s.evaluation_seconds
+        generated.summary.counts(files.len())
     );
     for b in &eval.broken {
         eprintln!(

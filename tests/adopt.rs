@@ -7,6 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use clap::CommandFactory;
 use common::*;
 
 /// `drvkite drvmap` of a depot into `out`; the map's labels.
@@ -167,3 +168,51 @@ fn the_demo_runs_with_cargo_target_dir_elsewhere() {
     assert_eq!(summary["changed"].as_array().unwrap().len(), 8);
 }
 
+#[test]
+fn every_argument_has_help() {
+    fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        let path = format!("{path} {}", cmd.get_name());
+        for arg in cmd.get_arguments() {
+            let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+            if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                missing.push(format!("{path} {}", arg.get_id()));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.get_about().is_none() {
+                missing.push(format!("{path} {} (no about)", sub.get_name()));
+            }
+            walk(sub, &path, missing);
+        }
+    }
+    let mut missing = Vec::new();
+    walk(&drvkite::cli::Cli::command(), "", &mut missing);
+    assert!(missing.is_empty(), "no help text: {missing:#?}");
+}
+
+#[test]
+fn the_last_line_says_to_build_without_a_parent_map_and_counts_in_english() {
+    let depot = Depot::new();
+    let run = |args: &[&str]| {
+        let (status, stderr) =
+            run_pipeline(&depot, &[&["--active-phases", "build"], args].concat());
+        assert_eq!(status, Some(0), "{stderr}");
+        stderr
+            .lines()
+            .find(|l| l.starts_with("wrote "))
+            .unwrap_or_else(|| panic!("{stderr}"))
+            .to_owned()
+    };
+    let first = run(&[]);
+    assert!(
+        first.contains(": 1 chunk file; 12 targets, 12 to build (no usable parent map), 3 extra steps, 0 broken;"),
+        "{first}"
+    );
+    let map = depot.out("parent.json");
+    std::fs::copy(depot.out("p").join("drvmap.json"), &map).unwrap();
+    let second = run(&["--parent-map", map.to_str().unwrap()]);
+    assert!(
+        second.contains(": 1 chunk file; 12 targets, 0 changed, 12 unchanged, 3 extra steps"),
+        "{second}"
+    );
+}

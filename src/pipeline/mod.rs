@@ -173,6 +173,42 @@ pub struct Summary {
     pub parent_map: ParentSummary,
 }
 
+impl Summary {
+    /// The counts for the line `drvkite pipeline` ends with. Without a
+    /// usable parent map nothing "changed": every target is to build.
+    pub fn counts(&self, chunk_files: usize) -> String {
+        let targets = match self.parent_map.status {
+            ParentStatus::Used => format!(
+                "{}, {} changed, {} unchanged",
+                counted(self.targets, "target"),
+                self.changed.len(),
+                self.unchanged
+            ),
+            ParentStatus::None | ParentStatus::Invalid => format!(
+                "{}, {} to build (no usable parent map)",
+                counted(self.targets, "target"),
+                self.changed.len()
+            ),
+        };
+        format!(
+            "{}; {targets}, {}, {} broken; evaluation {:.1}s",
+            counted(chunk_files, "chunk file"),
+            counted(self.extra_steps, "extra step"),
+            self.broken.len(),
+            self.evaluation_seconds
+        )
+    }
+}
+
+/// "1 thing", "2 things".
+pub fn counted(n: usize, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct BrokenSummary {
     pub label: Label,
