@@ -427,6 +427,28 @@ fn annotation_summarises_the_generation() {
 }
 
 #[test]
+fn without_a_parent_map_the_annotation_says_to_build() {
+    let agent = FakeAgent::new();
+    let mut s = summary(&["lib/a", "tools/b"], &[], &[]);
+    s["removed"] = json!([]);
+    s["parentMap"] =
+        json!({"status": "none", "detail": "no parent map given: building every target"});
+    pipeline_dir(agent.root(), &[("build", 1)], &s);
+    ok(agent.cmd().args(["annotate", "--dir", "pipeline"]));
+    let md = agent.annotation(0);
+    assert!(
+        md.contains("| targets | to build | extra steps | evaluation |\n"),
+        "{md}"
+    );
+    assert!(md.contains("| 12 | 2 | 5 | 1.2 s |"), "{md}");
+    assert!(
+        md.contains("**Targets to build (2)**\n\n| target |\n| --- |\n| lib/a |\n| tools/b |\n"),
+        "{md}"
+    );
+    assert!(!md.contains("changed"), "{md}");
+}
+
+#[test]
 fn long_lists_fold_away_and_labels_cannot_inject_markup() {
     let agent = FakeAgent::new();
     let mut changed: Vec<String> = (0..24).map(|i| format!("lib/t{i:02}")).collect();

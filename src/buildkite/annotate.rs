@@ -94,19 +94,37 @@ pub fn render(s: &Summary) -> String {
             "Each target that failed to evaluate has a failing :x: step instead of its build step; its extra steps were not generated.\n"
         );
     }
-    md.push_str("| targets | changed | unchanged | added | removed | extra steps | evaluation |\n");
-    md.push_str("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
-    let _ = writeln!(
-        md,
-        "| {} | {} | {} | {} | {} | {} | {:.1} s |\n",
-        s.targets,
-        s.changed.len(),
-        s.unchanged,
-        s.added.len(),
-        s.removed.len(),
-        s.extra_steps,
-        s.evaluation_seconds
-    );
+    // Without a usable parent map nothing was compared: every target is
+    // to build, none "changed", "added" or "removed".
+    let compared = s.parent_map.status == ParentStatus::Used;
+    if compared {
+        md.push_str(
+            "| targets | changed | unchanged | added | removed | extra steps | evaluation |\n",
+        );
+        md.push_str("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {:.1} s |\n",
+            s.targets,
+            s.changed.len(),
+            s.unchanged,
+            s.added.len(),
+            s.removed.len(),
+            s.extra_steps,
+            s.evaluation_seconds
+        );
+    } else {
+        md.push_str("| targets | to build | extra steps | evaluation |\n");
+        md.push_str("| ---: | ---: | ---: | ---: |\n");
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.1} s |\n",
+            s.targets,
+            s.changed.len(),
+            s.extra_steps,
+            s.evaluation_seconds
+        );
+    }
     if !s.steps.is_empty() {
         let phases: Vec<String> = s
             .steps
@@ -127,10 +145,18 @@ pub fn render(s: &Summary) -> String {
             } else {
                 "changed"
             };
-            vec![escape(l.as_str()), kind.to_owned()]
+            let mut row = vec![escape(l.as_str())];
+            if compared {
+                row.push(kind.to_owned());
+            }
+            row
         })
         .collect();
-    table(&mut md, "Changed targets", &["target", "change"], &rows);
+    if compared {
+        table(&mut md, "Changed targets", &["target", "change"], &rows);
+    } else {
+        table(&mut md, "Targets to build", &["target"], &rows);
+    }
     let rows: Vec<Vec<String>> = s.removed.iter().map(|l| vec![escape(l.as_str())]).collect();
     table(&mut md, "Removed targets", &["target"], &rows);
     let rows: Vec<Vec<String>> = s
