@@ -216,3 +216,65 @@ fn the_last_line_says_to_build_without_a_parent_map_and_counts_in_english() {
         "{second}"
     );
 }
+
+/// GitHub's anchor for a heading: lower case, punctuation dropped, spaces
+/// as hyphens.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+fn anchors(markdown: &str) -> Vec<String> {
+    let mut fenced = false;
+    let mut out = Vec::new();
+    for line in markdown.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+        } else if !fenced && line.starts_with('#') {
+            out.push(anchor(line.trim_start_matches('#')));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_readme_is_a_front_page_and_every_doc_link_resolves() {
+    let repo = Path::new(REPO);
+    let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
+    assert!(readme.len() < 20_000, "README.md is {} bytes", readme.len());
+    let mut pages = vec![repo.join("README.md")];
+    for e in std::fs::read_dir(repo.join("docs")).unwrap() {
+        pages.push(e.unwrap().path());
+    }
+    let mut broken = Vec::new();
+    for page in &pages {
+        let text = std::fs::read_to_string(page).unwrap();
+        // Markdown links: `](target)`, never across lines here.
+        for (_, rest) in text.match_indices("](").map(|(i, _)| ((), &text[i + 2..])) {
+            let Some(end) = rest.find(')') else { continue };
+            let target = &rest[..end];
+            if target.starts_with("http") || target.contains(' ') {
+                continue;
+            }
+            let (file, frag) = target.split_once('#').unwrap_or((target, ""));
+            let file = if file.is_empty() {
+                page.clone()
+            } else {
+                page.parent().unwrap().join(file)
+            };
+            if !file.exists() {
+                broken.push(format!("{}: {target} (no such file)", page.display()));
+            } else if !frag.is_empty()
+                && !anchors(&std::fs::read_to_string(&file).unwrap()).contains(&frag.to_owned())
+            {
+                broken.push(format!("{}: {target} (no such heading)", page.display()));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "{broken:#?}");
+}

@@ -294,3 +294,12 @@ fn the_bootstrap_key_exists_and_every_generated_step_depends_on_it() {
         assert_eq!(s["depends_on"][0], Value::from(key), "{s}");
     }
 }
+
+#[test]
+fn the_docs_show_the_settings_steps_init_prints() {
+    let block = format!("```yaml\n{}```", drvkite::init::SETTINGS_STEPS);
+    for page in ["README.md", "docs/buildkite.md"] {
+        let text = std::fs::read_to_string(Path::new(REPO).join(page)).unwrap();
+        assert!(text.contains(&block), "{page} must show {block}");
+    }
+}
