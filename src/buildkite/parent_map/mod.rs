@@ -11,7 +11,7 @@
 //! and exit 0 without a file: the pipeline then builds everything. A map
 //! that does not parse is never written.
 //!
-//! [`search`] decides which build to take; [`api`] talks to Buildkite.
+//! `search` decides which build to take; `api` talks to Buildkite.
 
 mod api;
 mod search;
