@@ -79,11 +79,18 @@ pub fn run(args: &InitArgs) -> Result<ExitCode> {
     if plan.writes.is_empty() {
         report.push_str("  nothing to change\n");
     }
-    print!("{report}");
+    say(&report);
     // What `drvkite pipeline` will check, asked the same way.
     gitignore::verify(&depot)?;
-    print!("{}", next_steps(&depot, &plan));
+    say(&next_steps(&depot, &plan));
     Ok(ExitCode::SUCCESS)
+}
+
+/// Print to stdout; a closed pipe (`drvkite init | head`) is not an error
+/// worth a panic: the work is done either way.
+fn say(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 /// The depot folder, which must be the root of a git work tree: the
