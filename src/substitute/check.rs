@@ -9,6 +9,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use serde::{Deserialize, Serialize};
 
 use super::Options;
 use super::cache::{self, Cache, Failure, Lookup};
@@ -232,8 +233,9 @@ impl Report {
                 .iter()
                 .map(|(k, n)| format!("{n} {k}"))
                 .collect();
+            let lookups = if total == 1 { "lookup" } else { "lookups" };
             parts.push(format!(
-                "{total} binary cache lookups failed ({})",
+                "{total} binary cache {lookups} failed ({})",
                 kinds.join(", ")
             ));
         }
@@ -246,12 +248,41 @@ impl Report {
         })
     }
 
+    /// What summary.json keeps of the check.
+    pub fn summary(&self) -> CheckSummary {
+        CheckSummary {
+            caches: self.caches.clone(),
+            checked: self.checked,
+            cached: self.cached(),
+            seconds: match (self.started, self.finished) {
+                (Some(s), Some(f)) => (f - s).as_secs_f64(),
+                _ => 0.0,
+            },
+            warning: self.warning(),
+        }
+    }
+
     fn failed(why: String) -> Self {
         Report {
             notes: vec![why],
             ..Default::default()
         }
     }
+}
+
+/// The check in summary.json.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckSummary {
+    /// The caches asked, in order.
+    pub caches: Vec<String>,
+    /// Derivations checked, and found in a cache.
+    pub checked: usize,
+    pub cached: usize,
+    /// From the start of the check (with the evaluation) to its end.
+    pub seconds: f64,
+    #[serde(default)]
+    pub warning: Option<String>,
 }
 
 /// Checks derivations sent to it on threads of its own.

@@ -18,7 +18,9 @@ pub mod netrc;
 
 use std::time::Duration;
 
-pub use check::{Answer, Checker, OutputCheck, Report, explain};
+use crate::types::DrvPath;
+
+pub use check::{Answer, CheckSummary, Checker, OutputCheck, Report, explain};
 
 /// How the check is asked for.
 #[derive(Debug, Clone)]
@@ -39,6 +41,75 @@ impl Default for Options {
 }
 
 pub const DEFAULT_TIMEOUT_SECS: u64 = 10;
+
+/// The command-line flags, shared by `pipeline` and `explain`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CacheArgs {
+    /// Skip targets whose outputs are all in a binary cache Nix is
+    /// configured with, signed by a trusted key when Nix requires it
+    /// (default: off, or the depot's skipCached). --skip-cached=false
+    /// turns off the depot's setting.
+    #[arg(
+        long,
+        env = "DRVKITE_SKIP_CACHED",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub skip_cached: Option<bool>,
+    /// Binary caches to ask instead of Nix's substituters: URLs separated
+    /// by spaces, or the flag given again.
+    #[arg(long, env = "DRVKITE_SUBSTITUTERS", value_delimiter = ' ')]
+    pub substituters: Option<Vec<String>>,
+    /// Most seconds one binary cache request may take.
+    #[arg(
+        long,
+        env = "DRVKITE_CACHE_TIMEOUT",
+        default_value_t = DEFAULT_TIMEOUT_SECS,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    pub cache_timeout: u64,
+}
+
+impl CacheArgs {
+    pub fn options(&self) -> Options {
+        Options {
+            substituters: self
+                .substituters
+                .as_ref()
+                .map(|s| s.iter().filter(|u| !u.is_empty()).cloned().collect()),
+            timeout: Duration::from_secs(self.cache_timeout),
+        }
+    }
+
+    /// A checker started now, when the flag (not only the depot's
+    /// setting) asks for the check: it then runs while Nix evaluates.
+    pub fn early_checker(&self) -> Option<Checker> {
+        (self.skip_cached == Some(true)).then(|| Checker::start(self.options()))
+    }
+}
+
+/// The check's report when `enabled`: the early checker's, or one started
+/// now (the depot's setting alone turned it on). `drvs` are the
+/// derivations that may be skipped; those sent already are not asked again.
+pub fn finish(
+    checker: Option<Checker>,
+    enabled: bool,
+    opts: &Options,
+    drvs: impl Iterator<Item = DrvPath>,
+) -> Option<Report> {
+    if !enabled {
+        return None;
+    }
+    let checker = checker.unwrap_or_else(|| Checker::start(opts.clone()));
+    let sender = checker.sender();
+    for drv in drvs {
+        let _ = sender.send(drv);
+    }
+    drop(sender);
+    Some(checker.finish())
+}
 
 /// Buildkite refuses skip reasons longer than this.
 const MAX_SKIP_REASON: usize = 70;
