@@ -52,7 +52,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Explain why a target changed since the parent map.
+    /// Explain why a target changed since the parent map, and whether a
+    /// binary cache has it (with --skip-cached or the depot's skipCached).
     Explain {
         /// The target's label, e.g. tools/foo or tools/foo:sub.
         label: String,
@@ -64,6 +65,11 @@ pub enum Command {
         /// How many levels of changed input derivations to follow.
         #[arg(long, default_value_t = 8)]
         depth: usize,
+        /// Attribute path of the depot's pipeline settings (dot-separated).
+        #[arg(long, env = "DRVKITE_SETTINGS_ATTR", default_value = "ci.drvkite")]
+        settings_attr: String,
+        #[command(flatten)]
+        cache: crate::substitute::CacheArgs,
     },
     /// Upload a phase's pipeline chunks with buildkite-agent, in the order
     /// Buildkite shows them, and the pipeline folder as artifacts.
@@ -398,22 +404,39 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             parent_map,
             depot,
             depth,
+            settings_attr,
+            cache,
         } => {
             let label = Label::new(label);
             let parent = DrvMap::load(&parent_map)?;
-            let evaluator = Evaluator::new(Nix::locate()?, &depot, default_settings_attr())?;
-            let new = evaluator.evaluate_one(&label).await?;
-            let Some(old) = parent.get(&label) else {
-                println!("{label} is new: {parent_map} has no entry for it");
-                return Ok(ExitCode::SUCCESS);
-            };
-            if old.drv_path == new.drv_path {
-                println!("{label} has not changed: {}", new.drv_path);
-                return Ok(ExitCode::SUCCESS);
+            let attr = settings_attr.split('.').map(str::to_owned).collect();
+            let evaluator = Evaluator::new(Nix::locate()?, &depot, attr)?;
+            let (new, depot_settings) = evaluator.evaluate_one_with_settings(&label).await?;
+            match parent.get(&label) {
+                None => println!("{label} is new: {parent_map} has no entry for it"),
+                Some(old) if old.drv_path == new.drv_path => {
+                    // Skipped as unchanged, whatever the caches hold.
+                    println!("{label} has not changed: {}", new.drv_path);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Some(old) => {
+                    println!("{label} changed: {} -> {}", old.drv_path, new.drv_path);
+                    let diffs = crate::explain::explain(&old.drv_path, &new.drv_path, depth)?;
+                    print!("{}", crate::explain::render(&diffs));
+                }
             }
-            println!("{label} changed: {} -> {}", old.drv_path, new.drv_path);
-            let diffs = crate::explain::explain(&old.drv_path, &new.drv_path, depth)?;
-            print!("{}", crate::explain::render(&diffs));
+            let depot_skip_cached = match &depot_settings {
+                Some(v) => Overrides::from_depot(v, &settings_attr)?.skip_cached,
+                None => None,
+            };
+            if cache.skip_cached.or(depot_skip_cached).unwrap_or(false) {
+                let (caches, checks, notes) =
+                    crate::substitute::explain(&cache.options(), &new.drv_path)?;
+                print!(
+                    "{}",
+                    crate::substitute::render_explain(&label, &caches, &checks, &notes)
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Upload(args) => {

@@ -401,6 +401,68 @@ pub fn explain(
     Ok((setup.names(), checks, setup.notes))
 }
 
+/// [`explain`]'s answer as text: the verdict, then each output.
+pub fn render_explain(
+    label: &crate::types::Label,
+    caches: &[String],
+    checks: &[OutputCheck],
+    notes: &[String],
+) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    match verdict(checks) {
+        Some(i) => {
+            let _ = writeln!(
+                out,
+                "{label} is skipped as cached (--skip-cached): every output is in a binary cache; skip reason \"{}\"",
+                super::skip_reason(&caches[i])
+            );
+        }
+        None if caches.is_empty() => {
+            let _ = writeln!(
+                out,
+                "{label} is built: --skip-cached has no binary cache to ask"
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "{label} is built: not every output is in a binary cache ({})",
+                caches.join(", ")
+            );
+        }
+    }
+    for c in checks {
+        let Some(path) = &c.path else {
+            let _ = writeln!(
+                out,
+                "  {}: its path is not known before it is built",
+                c.output
+            );
+            continue;
+        };
+        let answers: Vec<String> = c
+            .answers
+            .iter()
+            .map(|(i, a)| match a {
+                Answer::Valid => format!("{} has it", caches[*i]),
+                Answer::Missing => format!("{}: missing", caches[*i]),
+                Answer::Failed(f) => format!("{}: {f}", caches[*i]),
+            })
+            .collect();
+        let answers = if answers.is_empty() {
+            "no cache asked".to_owned()
+        } else {
+            answers.join("; ")
+        };
+        let _ = writeln!(out, "  {} {path}: {answers}", c.output);
+    }
+    for n in notes {
+        let _ = writeln!(out, "  note: {n}");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

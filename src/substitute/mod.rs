@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use crate::types::DrvPath;
 
-pub use check::{Answer, CheckSummary, Checker, OutputCheck, Report, explain};
+pub use check::{Answer, CheckSummary, Checker, OutputCheck, Report, explain, render_explain};
 
 /// How the check is asked for.
 #[derive(Debug, Clone)]
