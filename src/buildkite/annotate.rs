@@ -152,7 +152,12 @@ pub fn render(s: &Summary) -> String {
         .iter()
         .map(|c| vec![escape(c.label.as_str()), escape(&c.cache)])
         .collect();
-    table(&mut md, "Skipped as cached", &["target", "binary cache"], &rows);
+    table(
+        &mut md,
+        "Skipped as cached",
+        &["target", "binary cache"],
+        &rows,
+    );
     let rows: Vec<Vec<String>> = s.removed.iter().map(|l| vec![escape(l.as_str())]).collect();
     table(&mut md, "Removed targets", &["target"], &rows);
     let rows: Vec<Vec<String>> = s
