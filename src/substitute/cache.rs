@@ -306,6 +306,42 @@ fn http_get(agent: &ureq::Agent, url: &str, auth: Option<&str>) -> Lookup {
     }
 }
 
+/// Host names resolved once per run. ureq resolves the host of every
+/// request, before it looks for a pooled connection, and with a timeout set
+/// on a new thread each time: 4,000 lookups were 4,000 threads (and, for a
+/// cache known by name, as many DNS queries).
+#[derive(Debug, Default)]
+struct OnceResolver {
+    inner: ureq::unversioned::resolver::DefaultResolver,
+    known: std::sync::Mutex<
+        std::collections::HashMap<String, ureq::unversioned::resolver::ResolvedSocketAddrs>,
+    >,
+}
+
+impl ureq::unversioned::resolver::Resolver for OnceResolver {
+    fn resolve(
+        &self,
+        uri: &Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let key = format!(
+            "{}://{}",
+            uri.scheme_str().unwrap_or(""),
+            uri.authority().map_or("", |a| a.as_str())
+        );
+        if let Some(addrs) = self.known.lock().expect("resolver").get(&key) {
+            return Ok(addrs.clone());
+        }
+        let addrs = self.inner.resolve(uri, config, timeout)?;
+        self.known
+            .lock()
+            .expect("resolver")
+            .insert(key, addrs.clone());
+        Ok(addrs)
+    }
+}
+
 /// An HTTP client for binary caches: `connections` keep-alive connections
 /// per host, `timeout` per request (`connect_timeout` for connecting, if
 /// Nix sets one), the CA certificates of Nix's `ssl-cert-file` if it names
@@ -328,7 +364,7 @@ pub fn agent(
             tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
         }
     }
-    ureq::Agent::config_builder()
+    let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(timeout))
         .timeout_connect(connect_timeout)
@@ -336,8 +372,12 @@ pub fn agent(
         .max_idle_connections_per_host(connections)
         .user_agent(concat!("drvkite/", env!("CARGO_PKG_VERSION")))
         .tls_config(tls.build())
-        .build()
-        .new_agent()
+        .build();
+    ureq::Agent::with_parts(
+        config,
+        ureq::unversioned::transport::DefaultConnector::default(),
+        OnceResolver::default(),
+    )
 }
 
 #[cfg(test)]
