@@ -58,15 +58,19 @@ impl NixConfig {
         let nix = which::which("nix").context(
             "cannot read Nix's configuration: `nix` is not on PATH (on Debian: apt-get install nix-bin)",
         )?;
-        let out = Command::new(&nix)
-            .args([
-                "--extra-experimental-features",
-                "nix-command",
-                "show-config",
-                "--json",
-            ])
-            .output()
-            .with_context(|| format!("cannot run {}", nix.display()))?;
+        let run = |command: &[&str]| {
+            Command::new(&nix)
+                .args(["--extra-experimental-features", "nix-command"])
+                .args(command)
+                .arg("--json")
+                .output()
+                .with_context(|| format!("cannot run {}", nix.display()))
+        };
+        let mut out = run(&["show-config"])?;
+        if !out.status.success() {
+            // A Nix that has dropped the old name.
+            out = run(&["config", "show"]).unwrap_or(out);
+        }
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
             bail!(
