@@ -333,10 +333,11 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
         .map_or(std::time::Duration::ZERO, |f| {
             f.saturating_duration_since(evaluated + rooting)
         });
-    let rendering = generated_at - evaluated - rooting - cache_wait - generated.graph_duration;
+    let rendering =
+        (generated_at - evaluated).saturating_sub(rooting + cache_wait + generated.graph_duration);
     let cache_stage = match cached.as_ref().map(|r| r.summary()) {
         Some(c) => format!(
-            ", binary cache check {:.2}s ({:.2}s after evaluation)",
+            ", binary cache check {:.2}s ({:.3}s after evaluation)",
             c.seconds,
             cache_wait.as_secs_f64()
         ),
