@@ -188,7 +188,7 @@ impl Run {
         self.build_steps()
             .iter()
             .filter(|s| s["skip"] == reason)
-            .map(|s| uninterpolate(s["env"]["READTREE_TARGET"].as_str().unwrap()))
+            .map(|s| s["env"]["READTREE_TARGET"].as_str().unwrap().to_owned())
             .collect()
     }
 
@@ -196,7 +196,7 @@ impl Run {
         self.build_steps()
             .iter()
             .filter(|s| s["skip"] != false)
-            .map(|s| uninterpolate(s["env"]["READTREE_TARGET"].as_str().unwrap()))
+            .map(|s| s["env"]["READTREE_TARGET"].as_str().unwrap().to_owned())
             .collect()
     }
 
