@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark drvkite against the floor (one bare nix-instantiate of every
 # target's and extra-step command's drvPath) on synthetic depots.
+# Also `drvkite pipeline --skip-cached` against a loopback binary cache.
 #
 #   scripts/bench.sh                 # 1000, 4000 and 16000 targets
 #   scripts/bench.sh 2000 8000       # other sizes (or BENCH_SIZES="2000 8000")
@@ -8,12 +9,16 @@
 #   DRVKITE_BASELINE_BIN=old/drvkite scripts/bench.sh 4000   # also run another
 #                                    # binary, side by side, and compare
 #
-# Builds drvkite with `cargo build --release` unless DRVKITE_BIN names a
-# binary. Needs nix-instantiate and python3 (stdlib only). Prints a Markdown
-# table; see docs/performance.md for how to read it.
+# Builds drvkite with `cargo build --release` (wherever CARGO_TARGET_DIR
+# says) unless DRVKITE_BIN names a binary. Needs nix-instantiate, nix and
+# python3 (stdlib only). Prints a Markdown table; see docs/performance.md.
 set -euo pipefail
-# DRVKITE_BIN may be relative to the caller's folder.
+# DRVKITE_BIN and CARGO_TARGET_DIR may be relative to the caller's folder.
 if [ -n "${DRVKITE_BIN:-}" ]; then DRVKITE_BIN=$(realpath "$DRVKITE_BIN"); fi
+if [ -n "${CARGO_TARGET_DIR:-}" ]; then
+  CARGO_TARGET_DIR=$(realpath -m -s -- "$CARGO_TARGET_DIR")
+  export CARGO_TARGET_DIR
+fi
 cd "$(dirname "$0")/.."
 
 smoke=0
@@ -21,7 +26,7 @@ sizes=()
 for arg in "$@"; do
   case "$arg" in
     --smoke) smoke=1 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *[!0-9]*|'') echo "bench.sh: unknown argument $arg: pass target counts or --smoke" >&2; exit 2 ;;
     *) sizes+=("$arg") ;;
   esac
@@ -39,8 +44,7 @@ command -v python3 >/dev/null || { echo "bench.sh: python3 not found: install it
 
 bin="${DRVKITE_BIN:-}"
 if [ -z "$bin" ]; then
-  cargo build --release --quiet
-  bin="$PWD/target/release/drvkite"
+  bin=$(scripts/build.sh --release)
 fi
 
 runs=()
@@ -48,4 +52,4 @@ runs=()
 baseline=()
 if [ -n "${DRVKITE_BASELINE_BIN:-}" ]; then baseline=(--baseline "$(realpath "$DRVKITE_BASELINE_BIN")"); fi
 [ -n "${BENCH_RUNS:-}" ] && [ "$smoke" = 0 ] && runs=(--runs "$BENCH_RUNS")
-exec python3 bench/run.py --drvkite "$bin" "${baseline[@]}" "${runs[@]}" "${sizes[@]}"
+exec python3 bench/run.py --drvkite "$bin" --skip-cached "${baseline[@]}" "${runs[@]}" "${sizes[@]}"

@@ -46,24 +46,33 @@ pub enum Command {
     Pipeline(PipelineArgs),
     /// Compare two derivation maps: added, removed and changed labels.
     Diff {
+        /// The older derivation map (e.g. the parent build's drvmap.json).
         old: Utf8PathBuf,
+        /// The newer derivation map.
         new: Utf8PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// Explain why a target changed since the parent map.
+    /// Explain why a target changed since the parent map, and whether a
+    /// binary cache has it (with --skip-cached or the depot's skipCached).
     Explain {
         /// The target's label, e.g. tools/foo or tools/foo:sub.
         label: String,
         /// The derivation map to compare against.
         #[arg(long)]
         parent_map: Utf8PathBuf,
+        /// Root folder of the depot (holding its default.nix).
         #[arg(long, env = "DRVKITE_DEPOT", default_value = ".")]
         depot: Utf8PathBuf,
         /// How many levels of changed input derivations to follow.
         #[arg(long, default_value_t = 8)]
         depth: usize,
+        /// Attribute path of the depot's pipeline settings (dot-separated).
+        #[arg(long, env = "DRVKITE_SETTINGS_ATTR", default_value = "ci.drvkite")]
+        settings_attr: String,
+        #[command(flatten)]
+        cache: crate::substitute::CacheArgs,
     },
     /// Upload a phase's pipeline chunks with buildkite-agent, in the order
     /// Buildkite shows them, and the pipeline folder as artifacts.
@@ -77,6 +86,11 @@ pub enum Command {
     Annotate(crate::buildkite::annotate::AnnotateArgs),
     /// Persist and restore caches between builds, safely (see docs/ephemera.md).
     Ephemera(crate::ephemera::EphemeraArgs),
+    /// Make a depot's git checkout ready for drvkite in CI: write the
+    /// bootstrap pipeline (.buildkite/drvkite.yml) and the .gitignore lines
+    /// for the steps' out-links, and check for readTree. Never replaces a
+    /// file; a second run changes nothing.
+    Init(crate::init::InitArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -91,6 +105,10 @@ pub struct PipelineArgs {
     /// skipped. Missing or invalid: every target is built.
     #[arg(long, env = "DRVKITE_PARENT_MAP")]
     pub parent_map: Option<Utf8PathBuf>,
+    /// Strict mode for CI: a missing or unusable parent map fails the run
+    /// (status 1, nothing written) instead of building every target.
+    #[arg(long, env = "DRVKITE_REQUIRE_PARENT_MAP")]
+    pub require_parent_map: bool,
     /// Attribute path of the depot's pipeline settings (dot-separated).
     #[arg(long, env = "DRVKITE_SETTINGS_ATTR", default_value = "ci.drvkite")]
     pub settings_attr: String,
@@ -149,6 +167,8 @@ pub struct PipelineArgs {
     /// Show evaluation progress on stderr even when it is not a terminal.
     #[arg(long, env = "DRVKITE_PROGRESS")]
     pub progress: bool,
+    #[command(flatten)]
+    pub cache: crate::substitute::CacheArgs,
 }
 
 /// An attribute path given as `a.b.c`.
@@ -196,6 +216,7 @@ impl PipelineArgs {
             out_link_dir: self.out_link_dir.clone(),
             // The evaluation applies it (Evaluator::with_targets_attr).
             targets_attr: self.targets_attr.as_ref().map(|a| a.0.join(".")),
+            skip_cached: self.cache.skip_cached,
         })
     }
 }
@@ -220,15 +241,26 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
         .with_tuning(&tuning)
         .with_targets_attr(args.targets_attr.clone().map(|a| a.0));
     let (parent, mut warning) = ParentMap::load(args.parent_map.as_deref());
+    crate::pipeline::require_parent_map(
+        args.require_parent_map,
+        args.parent_map.is_some(),
+        &warning,
+    )?;
     // Read the .drv files of the targets that may be built while Nix goes
     // on with the others.
     let prefetch = crate::graph::Prefetch::start();
+    // So are binary caches asked, when the flag says so.
+    let checker = args.cache.early_checker();
     let parent = Arc::new(parent);
     let hook: crate::eval::TargetHook = {
         let (parent, roots) = (Arc::clone(&parent), prefetch.sender());
+        let cache = checker.as_ref().map(crate::substitute::Checker::sender);
         Arc::new(move |t| {
             if !parent.unchanged(&t.label, &t.drv_path) {
                 let _ = roots.send(t.drv_path.clone());
+                if let Some(c) = &cache {
+                    let _ = c.send(t.drv_path.clone());
+                }
             }
         })
     };
@@ -236,7 +268,8 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
         .evaluate_into(args.fail_on_eval_error, Some(hook))
         .await;
     // On error the reader is left to stop by itself.
-    let eval = eval?;
+    let mut eval = eval?;
+    crate::pipeline::set_aside_unuploadable(&mut eval);
     let graph = prefetch.finish();
     let mut parent = Arc::unwrap_or_clone(parent);
     if eval.targets.is_empty() && eval.broken.is_empty() {
@@ -258,6 +291,11 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     settings.validate()?;
     if let (None, Some(path)) = (&warning, &args.parent_map) {
         warning = parent.check_against(path, &eval);
+        crate::pipeline::require_parent_map(
+            args.require_parent_map,
+            args.parent_map.is_some(),
+            &warning,
+        )?;
     }
     let detail = match (&warning, &args.parent_map) {
         (Some(w), _) => {
@@ -267,6 +305,18 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
         (None, Some(p)) => format!("{p}"),
         (None, None) => "no parent map given: building every target".to_owned(),
     };
+    let cached = crate::substitute::finish(
+        checker,
+        settings.skip_cached,
+        &args.cache.options(),
+        eval.targets
+            .iter()
+            .filter(|t| !parent.unchanged(&t.label, &t.drv_path))
+            .map(|t| t.drv_path.clone()),
+    );
+    if let Some(w) = cached.as_ref().and_then(crate::substitute::Report::warning) {
+        eprintln!("drvkite: warning: {w}");
+    }
     // Asking git whether the out-links are ignored is mostly waiting for
     // git: done while the pipeline renders, and so is the derivation map.
     let (generated, checked) = std::thread::scope(|scope| {
@@ -275,7 +325,14 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
             let checked = checkout::ensure_ignored(&args.depot, &links, &settings);
             (checked, links, eval.drvmap().to_tvl_json())
         });
-        let generated = crate::pipeline::generate_with(&eval, &parent, &detail, &settings, graph);
+        let generated = crate::pipeline::generate_with(
+            &eval,
+            &parent,
+            &detail,
+            &settings,
+            graph,
+            cached.as_ref(),
+        );
         (generated, check.join())
     });
     let generated = generated?;
@@ -291,27 +348,39 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     let files =
         crate::pipeline::write_with(&generated, &drvmap_json, &args.out, settings.chunk_size)?;
     let writing = write_started.elapsed();
-    let s = &generated.summary;
     eprintln!(
-        "wrote {}: {} chunk files; {} targets, {} changed, {} unchanged, {} extra steps, {} broken; evaluation {:.1}s",
+        "wrote {}: {}",
         args.out,
-        files.len(),
-        s.targets,
-        s.changed.len(),
-        s.unchanged,
-        s.extra_steps,
-        s.broken.len(),
-        s.evaluation_seconds
+        generated.summary.counts(files.len())
     );
     for b in &eval.broken {
         eprintln!(
-            "drvkite: warning: {} failed to evaluate: {}",
-            b.label, b.error
+            "drvkite: warning: {} {}: {}",
+            b.label,
+            crate::pipeline::broken_what(b.kind),
+            b.error
         );
     }
-    let rendering = generated_at - evaluated - rooting - generated.graph_duration;
+    // The cache check overlaps the evaluation: what counts is the wait
+    // after it.
+    let cache_wait = cached
+        .as_ref()
+        .and_then(|r| r.finished)
+        .map_or(std::time::Duration::ZERO, |f| {
+            f.saturating_duration_since(evaluated + rooting)
+        });
+    let rendering =
+        (generated_at - evaluated).saturating_sub(rooting + cache_wait + generated.graph_duration);
+    let cache_stage = match cached.as_ref().map(|r| r.summary()) {
+        Some(c) => format!(
+            ", binary cache check {:.2}s ({:.3}s after evaluation)",
+            c.seconds,
+            cache_wait.as_secs_f64()
+        ),
+        None => String::new(),
+    };
     eprintln!(
-        "drvkite: stage times: evaluation {:.2}s, GC roots {:.2}s, graph analysis {:.2}s, rendering {:.2}s, writing {:.2}s",
+        "drvkite: stage times: evaluation {:.2}s, GC roots {:.2}s{cache_stage}, graph analysis {:.2}s, rendering {:.2}s, writing {:.2}s",
         eval.duration.as_secs_f64(),
         rooting.as_secs_f64(),
         generated.graph_duration.as_secs_f64(),
@@ -324,7 +393,11 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     let status = if eval.broken.is_empty() {
         ExitCode::SUCCESS
     } else {
-        let nodes = eval.broken.iter().filter(|b| b.node).count();
+        let nodes = eval
+            .broken
+            .iter()
+            .filter(|b| b.kind == crate::eval::BrokenKind::Node)
+            .count();
         let targets = eval.broken.len() - nodes;
         let files = match nodes {
             0 => String::new(),
@@ -332,7 +405,7 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
             n => format!(", {n} readTree files"),
         };
         eprintln!(
-            "drvkite: {targets} of {} targets{files} failed to evaluate: each has a failing step in the pipeline; exiting with status {EXIT_BROKEN_TARGETS}",
+            "drvkite: {targets} of {} targets{files} failed to evaluate or cannot be uploaded: each has a failing step in the pipeline; exiting with status {EXIT_BROKEN_TARGETS}",
             targets + eval.targets.len()
         );
         ExitCode::from(EXIT_BROKEN_TARGETS)
@@ -381,22 +454,39 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             parent_map,
             depot,
             depth,
+            settings_attr,
+            cache,
         } => {
             let label = Label::new(label);
             let parent = DrvMap::load(&parent_map)?;
-            let evaluator = Evaluator::new(Nix::locate()?, &depot, default_settings_attr())?;
-            let new = evaluator.evaluate_one(&label).await?;
-            let Some(old) = parent.get(&label) else {
-                println!("{label} is new: {parent_map} has no entry for it");
-                return Ok(ExitCode::SUCCESS);
-            };
-            if old.drv_path == new.drv_path {
-                println!("{label} has not changed: {}", new.drv_path);
-                return Ok(ExitCode::SUCCESS);
+            let attr = settings_attr.split('.').map(str::to_owned).collect();
+            let evaluator = Evaluator::new(Nix::locate()?, &depot, attr)?;
+            let (new, depot_settings) = evaluator.evaluate_one_with_settings(&label).await?;
+            match parent.get(&label) {
+                None => println!("{label} is new: {parent_map} has no entry for it"),
+                Some(old) if old.drv_path == new.drv_path => {
+                    // Skipped as unchanged, whatever the caches hold.
+                    println!("{label} has not changed: {}", new.drv_path);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Some(old) => {
+                    println!("{label} changed: {} -> {}", old.drv_path, new.drv_path);
+                    let diffs = crate::explain::explain(&old.drv_path, &new.drv_path, depth)?;
+                    print!("{}", crate::explain::render(&diffs));
+                }
             }
-            println!("{label} changed: {} -> {}", old.drv_path, new.drv_path);
-            let diffs = crate::explain::explain(&old.drv_path, &new.drv_path, depth)?;
-            print!("{}", crate::explain::render(&diffs));
+            let depot_skip_cached = match &depot_settings {
+                Some(v) => Overrides::from_depot(v, &settings_attr)?.skip_cached,
+                None => None,
+            };
+            if cache.skip_cached.or(depot_skip_cached).unwrap_or(false) {
+                let (caches, checks, notes) =
+                    crate::substitute::explain(&cache.options(), &new.drv_path)?;
+                print!(
+                    "{}",
+                    crate::substitute::render_explain(&label, &caches, &checks, &notes)
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Upload(args) => {
@@ -412,6 +502,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ephemera(args) => crate::ephemera::run(args).await,
+        Command::Init(args) => crate::init::run(&args),
     }
 }
 

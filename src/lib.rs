@@ -3,7 +3,8 @@
 //!
 //! The data path, one module per stage: [`eval`] (nix-instantiate) →
 //! [`drvmap`] (derivation map and diff) → [`graph`] (.drv analysis) →
-//! pipeline rendering. [`explain`] answers why a target changed.
+//! pipeline rendering, with [`substitute`] to skip what a binary cache has.
+//! [`explain`] answers why a target changed.
 
 pub mod atomic;
 pub mod buildkite;
@@ -13,5 +14,7 @@ pub mod ephemera;
 pub mod eval;
 pub mod explain;
 pub mod graph;
+pub mod init;
 pub mod pipeline;
+pub mod substitute;
 pub mod types;

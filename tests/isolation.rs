@@ -397,15 +397,16 @@ fn errors_outside_every_node_fail_the_run_naming_the_error() {
 fn a_depot_whose_only_target_is_broken_gets_its_failing_step() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("depot");
-    std::fs::create_dir_all(root.join("nix/readTree")).unwrap();
-    std::fs::copy(
-        Path::new(common::REPO).join("nix/readTree/default.nix"),
-        root.join("nix/readTree/default.nix"),
-    )
-    .unwrap();
+    std::fs::create_dir_all(&root).unwrap();
+    // Its readTree lives outside the depot (as when a depot imports it from
+    // a pinned drvkite): hiding the broken file must reach it all the same.
+    let read_tree = Path::new(common::REPO).join("nix/readTree");
     std::fs::write(
         root.join("default.nix"),
-        "{ ... }: let readTree = import ./nix/readTree { }; in readTree.fix (self: readTree { path = ./.; args = { depot = self; }; })\n",
+        format!(
+            "{{ ... }}: let readTree = import (/. + {}) {{ }}; in readTree.fix (self: readTree {{ path = ./.; args = {{ depot = self; }}; }})\n",
+            common::nix_string(read_tree.to_str().unwrap())
+        ),
     )
     .unwrap();
     // Top-level files beside the root's default.nix are not read (as in

@@ -98,7 +98,7 @@ fn step_labels(out: &std::path::Path) -> BTreeSet<String> {
         .into_iter()
         .flat_map(|(_, steps)| steps)
         .filter_map(|s| s["env"]["READTREE_TARGET"].as_str().map(str::to_owned))
-        .flat_map(|l| l.split(", ").map(common::uninterpolate).collect::<Vec<_>>())
+        .flat_map(|l| l.split(", ").map(str::to_owned).collect::<Vec<_>>())
         .collect()
 }
 

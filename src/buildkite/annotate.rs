@@ -94,19 +94,35 @@ pub fn render(s: &Summary) -> String {
             "Each target that failed to evaluate has a failing :x: step instead of its build step; its extra steps were not generated.\n"
         );
     }
-    md.push_str("| targets | changed | unchanged | added | removed | extra steps | evaluation |\n");
-    md.push_str("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
-    let _ = writeln!(
-        md,
-        "| {} | {} | {} | {} | {} | {} | {:.1} s |\n",
-        s.targets,
-        s.changed.len(),
-        s.unchanged,
-        s.added.len(),
-        s.removed.len(),
-        s.extra_steps,
-        s.evaluation_seconds
-    );
+    // Without a usable parent map nothing was compared: every target is
+    // to build, none "changed", "added" or "removed". The cached column
+    // only when the check was on.
+    let compared = s.parent_map.status == ParentStatus::Used;
+    let mut head: Vec<&str> = vec!["targets"];
+    let mut cells: Vec<String> = vec![s.targets.to_string()];
+    if compared {
+        head.extend(["changed", "unchanged"]);
+        cells.extend([s.changed.len().to_string(), s.unchanged.to_string()]);
+    } else {
+        head.push("to build");
+        cells.push(s.changed.len().to_string());
+    }
+    if s.cache_check.is_some() {
+        head.push("cached");
+        cells.push(s.cached.len().to_string());
+    }
+    if compared {
+        head.extend(["added", "removed"]);
+        cells.extend([s.added.len().to_string(), s.removed.len().to_string()]);
+    }
+    head.extend(["extra steps", "evaluation"]);
+    cells.extend([
+        s.extra_steps.to_string(),
+        format!("{:.1} s", s.evaluation_seconds),
+    ]);
+    let _ = writeln!(md, "| {} |", head.join(" | "));
+    let _ = writeln!(md, "|{}", " ---: |".repeat(head.len()));
+    let _ = writeln!(md, "| {} |\n", cells.join(" | "));
     if !s.steps.is_empty() {
         let phases: Vec<String> = s
             .steps
@@ -116,6 +132,9 @@ pub fn render(s: &Summary) -> String {
         let _ = writeln!(md, "Steps: {}.\n", phases.join(", "));
     }
     let _ = writeln!(md, "Parent map: {}\n", parent_map_line(&s.parent_map));
+    if let Some(c) = &s.cache_check {
+        let _ = writeln!(md, "{}\n", cache_line(c));
+    }
 
     let added: BTreeSet<&str> = s.added.iter().map(|l| l.as_str()).collect();
     let rows: Vec<Vec<String>> = s
@@ -127,10 +146,29 @@ pub fn render(s: &Summary) -> String {
             } else {
                 "changed"
             };
-            vec![escape(l.as_str()), kind.to_owned()]
+            let mut row = vec![escape(l.as_str())];
+            if compared {
+                row.push(kind.to_owned());
+            }
+            row
         })
         .collect();
-    table(&mut md, "Changed targets", &["target", "change"], &rows);
+    if compared {
+        table(&mut md, "Changed targets", &["target", "change"], &rows);
+    } else {
+        table(&mut md, "Targets to build", &["target"], &rows);
+    }
+    let rows: Vec<Vec<String>> = s
+        .cached
+        .iter()
+        .map(|c| vec![escape(c.label.as_str()), escape(&c.cache)])
+        .collect();
+    table(
+        &mut md,
+        "Skipped as cached",
+        &["target", "binary cache"],
+        &rows,
+    );
     let rows: Vec<Vec<String>> = s.removed.iter().map(|l| vec![escape(l.as_str())]).collect();
     table(&mut md, "Removed targets", &["target"], &rows);
     let rows: Vec<Vec<String>> = s
@@ -197,6 +235,26 @@ fn parent_map_line(p: &ParentSummary) -> String {
         ParentStatus::None => format!("none{detail}: every target is built."),
         ParentStatus::Invalid => format!("**unusable**{detail}: every target is built."),
     }
+}
+
+fn cache_line(c: &crate::substitute::CheckSummary) -> String {
+    let caches = if c.caches.is_empty() {
+        "none to ask".to_owned()
+    } else {
+        c.caches
+            .iter()
+            .map(|n| escape(n))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut line = format!(
+        "Binary caches ({caches}): {} of {} derivations checked are cached, their steps skipped.",
+        c.cached, c.checked
+    );
+    if let Some(w) = &c.warning {
+        let _ = write!(line, " **Warning**: {}", escape(&shorten(w)));
+    }
+    line
 }
 
 /// Where the map came from, from the `.source.json` that `parent-map

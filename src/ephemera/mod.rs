@@ -129,7 +129,10 @@ pub enum EphemeraCommand {
     /// Archive PATHs (relative to the working directory, or ~/…) as a new
     /// entry of set NAME in this job's scope. Run it only after success.
     Persist {
+        /// The set's name (letters, digits, '.', '_', '-'), e.g. cargo-target.
         name: String,
+        /// Files and folders to archive, relative to the working directory
+        /// or ~/…; each is restored to the same place.
         #[arg(required = true)]
         paths: Vec<String>,
         #[command(flatten)]
@@ -138,7 +141,9 @@ pub enum EphemeraCommand {
     /// Put the newest allowed entry of set NAME back where it was persisted
     /// from (replacing what is there). A miss is not an error.
     Restore {
+        /// The set's name (letters, digits, '.', '_', '-'), e.g. cargo-target.
         name: String,
+
         #[command(flatten)]
         key: KeyArgs,
         /// Fail when nothing is restored.
@@ -152,22 +157,27 @@ pub enum EphemeraCommand {
     /// List the entries of this pipeline (of the whole store outside
     /// Buildkite).
     List {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Show the entries of set NAME this job can see, and which one a
     /// restore would use.
     Show {
+        /// The set's name (letters, digits, '.', '_', '-'), e.g. cargo-target.
         name: String,
         #[command(flatten)]
         key: KeyArgs,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Tombstone the entries of set NAME in this job's scope: restores skip
     /// entries created before now.
     Invalidate {
+        /// The set's name (letters, digits, '.', '_', '-'), e.g. cargo-target.
         name: String,
+
         /// Only entries with this key (see `show`); all keys otherwise.
         #[arg(long)]
         key: Option<String>,

@@ -30,11 +30,12 @@ mod nix;
 mod records;
 mod run;
 mod schedule;
+mod trace;
 mod tuning;
 mod walk;
 
-pub use nix::{Nix, check_depot, trim_nix_error};
-pub use records::{BrokenTarget, RawCommand, RawExtraStep, Target};
+pub use nix::{Nix, READTREE_NIX, check_depot, trim_nix_error};
+pub use records::{BrokenKind, BrokenTarget, RawCommand, RawExtraStep, Target};
 pub use tuning::{ByteSize, Tuning, default_workers};
 
 use nix::Expression;
@@ -164,6 +165,14 @@ impl Evaluator {
 
     /// Evaluate the one target with this label.
     pub async fn evaluate_one(&self, label: &Label) -> Result<Target> {
+        Ok(self.evaluate_one_with_settings(label).await?.0)
+    }
+
+    /// [`Evaluator::evaluate_one`], and the depot's pipeline settings.
+    pub async fn evaluate_one_with_settings(
+        &self,
+        label: &Label,
+    ) -> Result<(Target, Option<serde_json::Value>)> {
         let req = Request {
             shard: (0, 1),
             only: Some(vec![label.clone()]),
@@ -184,7 +193,7 @@ impl Evaluator {
             ),
         };
         match raw.records.into_iter().next() {
-            Some(Record::Target(t)) => Ok(*t),
+            Some(Record::Target(t)) => Ok((*t, raw.settings)),
             Some(Record::Failed(_)) => bail!(
                 "evaluating {label} in depot {} failed without a message from Nix",
                 self.runner.depot

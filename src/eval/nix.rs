@@ -12,7 +12,7 @@ use super::Evaluation;
 use crate::types::DrvPath;
 
 const EVAL_NIX: &str = include_str!("../../nix/eval.nix");
-const READTREE_NIX: &str = include_str!("../../nix/readTree/default.nix");
+pub const READTREE_NIX: &str = include_str!("../../nix/readTree/default.nix");
 
 /// The Nix tools drvkite runs, located on PATH.
 #[derive(Debug, Clone)]

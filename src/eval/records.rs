@@ -57,9 +57,21 @@ pub struct BrokenTarget {
     pub label: Label,
     pub attr_path: AttrPath,
     pub error: String,
-    /// A readTree node (a file) that broke the target list, rather than
-    /// one target: whatever targets it defines are missing.
-    pub node: bool,
+    pub kind: BrokenKind,
+}
+
+/// What keeps a broken target from its steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BrokenKind {
+    /// Its evaluation failed.
+    #[default]
+    Evaluation,
+    /// It evaluated, but its label cannot pass through
+    /// `buildkite-agent pipeline upload` unchanged.
+    Unuploadable,
+    /// A readTree node (a file) that failed before the target list could
+    /// be evaluated: whatever targets it defines are missing.
+    Node,
 }
 
 /// What one `nix-instantiate` run printed on stdout. In full mode the

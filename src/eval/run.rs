@@ -16,6 +16,7 @@ use tokio::io::AsyncReadExt;
 use super::TargetHook;
 use super::nix::trim_nix_error;
 use super::records::{RawHeader, RawOutput, RawStdout, Record, Stream};
+use super::trace;
 use super::tuning::{ByteSize, Progress};
 use super::walk::{self, Scope};
 use crate::types::Label;
@@ -268,7 +269,7 @@ impl Runner {
                     if died_of_memory(status, &message, &err) {
                         Outcome::OutOfMemory
                     } else {
-                        Outcome::Failed(message)
+                        Outcome::Failed(self.locate_missing(req, message).await)
                     }
                 }
             }
@@ -280,6 +281,34 @@ impl Runner {
         }
         let trail = trail.into_inner().unwrap_or_else(|e| e.into_inner());
         Ok((outcome, trail))
+    }
+
+    /// A missing path's message, with the place that imported it (see
+    /// [`trace`]); on this error only, and only for a run cheap to repeat
+    /// (the target list, or one target), not for each half of a split.
+    pub(super) async fn locate_missing(&self, req: &Request, message: String) -> String {
+        let small = req.labels_only || req.only.as_ref().is_some_and(|o| o.len() == 1);
+        let Some(missing) = trace::missing_path(&message).filter(|_| small) else {
+            return message;
+        };
+        if let Some(place) = trace::search_importer(&self.depot, missing) {
+            return message + &place;
+        }
+        if message.contains(" (at ") {
+            return message;
+        }
+        let mut cmd = self.command(req);
+        cmd.arg("--show-trace")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let Ok(out) = cmd.output().await else {
+            return message;
+        };
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match trace::traced_importer(&stderr, &self.internal_dir.to_string_lossy()) {
+            Some(place) => message + &place,
+            None => message,
+        }
     }
 
     /// A successful run's result: its stdout, and in full mode the records

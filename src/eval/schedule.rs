@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use super::records::{RawHeader, RawOutput, Record};
 use super::run::{Outcome, Request, Runner};
 use super::walk::Scope;
-use super::{BrokenTarget, Evaluation, Target, TargetHook};
+use super::{BrokenKind, BrokenTarget, Evaluation, Target, TargetHook};
 use crate::types::Label;
 
 /// A target list that failed to evaluate, with Nix's message: the
@@ -128,7 +128,7 @@ impl Schedule<'_> {
                 label: header.label,
                 attr_path: header.attr_path,
                 error,
-                node: false,
+                kind: BrokenKind::Evaluation,
             }),
         ));
         Ok(())

@@ -18,8 +18,8 @@ use anyhow::{Result, anyhow, bail};
 use camino::Utf8Path;
 use serde::Serialize;
 
-use super::BrokenTarget;
 use super::run::{Outcome, Request, Runner};
+use super::{BrokenKind, BrokenTarget};
 use crate::types::{AttrPath, Label};
 
 /// How an evaluation sees the depot: without the files of its broken
@@ -115,7 +115,7 @@ impl BrokenNode {
             label: Label::new(self.path.join("/")),
             attr_path: AttrPath::new(self.path),
             error: self.error,
-            node: true,
+            kind: BrokenKind::Node,
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod checkout;
 pub mod command;
 pub mod extra;
 pub mod settings;
+pub mod text;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -14,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::drvmap::DrvMap;
-use crate::eval::{BrokenTarget, Evaluation, Target};
+use crate::eval::{BrokenKind, BrokenTarget, Evaluation, Target};
 use crate::graph::DrvGraph;
 use crate::types::{DrvPath, Label, StepKey};
 pub use settings::Settings;
@@ -110,6 +111,34 @@ impl ParentMap {
     }
 }
 
+/// `--require-parent-map`: the reason the parent map cannot be used (a
+/// warning from [`ParentMap`]) becomes an error.
+pub fn require_parent_map(required: bool, given: bool, warning: &Option<String>) -> Result<()> {
+    if !required {
+        return Ok(());
+    }
+    if !given {
+        anyhow::bail!(
+            "--require-parent-map (DRVKITE_REQUIRE_PARENT_MAP) needs a parent map: pass --parent-map FILE; nothing was written"
+        );
+    }
+    if let Some(w) = warning {
+        // The warning's wording, less what no longer happens.
+        let reason = w
+            .strip_suffix("; building every target")
+            .or_else(|| w.strip_suffix(": building every target"))
+            .unwrap_or(w);
+        let reason = match reason.strip_prefix("ignoring the parent map") {
+            Some(rest) => format!("parent map{}", rest.strip_prefix(':').unwrap_or(rest)),
+            None => reason.to_owned(),
+        };
+        anyhow::bail!(
+            "{reason}; --require-parent-map fails the run rather than build every target: check --parent-map; nothing was written"
+        );
+    }
+    Ok(())
+}
+
 /// Build-step facts an extra step needs about its parent.
 #[derive(Debug, Clone)]
 pub struct ParentStep {
@@ -143,6 +172,59 @@ pub struct Summary {
     pub steps: BTreeMap<String, usize>,
     pub evaluation_seconds: f64,
     pub parent_map: ParentSummary,
+    /// Targets skipped because a binary cache has them (`--skip-cached`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cached: Vec<CachedSummary>,
+    /// The binary cache check, when it was on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_check: Option<crate::substitute::CheckSummary>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CachedSummary {
+    pub label: Label,
+    pub cache: String,
+}
+
+impl Summary {
+    /// The counts for the line `drvkite pipeline` ends with. Without a
+    /// usable parent map nothing "changed": every target is to build.
+    pub fn counts(&self, chunk_files: usize) -> String {
+        let targets = match self.parent_map.status {
+            ParentStatus::Used => format!(
+                "{}, {} changed, {} unchanged",
+                counted(self.targets, "target"),
+                self.changed.len(),
+                self.unchanged
+            ),
+            ParentStatus::None | ParentStatus::Invalid => format!(
+                "{}, {} to build (no usable parent map)",
+                counted(self.targets, "target"),
+                self.changed.len()
+            ),
+        };
+        // Only when the check was on (bench/run.py reads "N cached, ").
+        let cached = match &self.cache_check {
+            Some(_) => format!(", {} cached", self.cached.len()),
+            None => String::new(),
+        };
+        format!(
+            "{}; {targets}{cached}, {}, {} broken; evaluation {:.1}s",
+            counted(chunk_files, "chunk file"),
+            counted(self.extra_steps, "extra step"),
+            self.broken.len(),
+            self.evaluation_seconds
+        )
+    }
+}
+
+/// "1 thing", "2 things".
+pub fn counted(n: usize, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -168,6 +250,24 @@ struct BuildUnit<'a> {
     members: Vec<&'a Target>,
     labels: Vec<Label>,
     skip: bool,
+    /// Not unchanged, but a binary cache (named) has its outputs.
+    cached: Option<&'a str>,
+}
+
+impl BuildUnit<'_> {
+    fn skipped(&self) -> bool {
+        self.skip || self.cached.is_some()
+    }
+
+    /// The build step's `skip` (a reason as text, not yet written for
+    /// the upload), which its extra steps follow.
+    fn skip_value(&self) -> Value {
+        match self.cached {
+            _ if self.skip => json!(UNCHANGED),
+            Some(cache) => Value::String(crate::substitute::skip_reason(cache)),
+            None => json!(false),
+        }
+    }
 }
 
 fn group_by_drv<'a>(targets: &'a [Target], parent: &ParentMap) -> Vec<BuildUnit<'a>> {
@@ -192,6 +292,7 @@ fn group_by_drv<'a>(targets: &'a [Target], parent: &ParentMap) -> Vec<BuildUnit<
                     members: vec![t],
                     labels: vec![t.label.clone()],
                     skip: unchanged,
+                    cached: None,
                 });
             }
         }
@@ -205,7 +306,11 @@ fn merge(base: &mut Map<String, Value>, over: &Map<String, Value>) {
     }
 }
 
-fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<String, Value> {
+fn build_step(
+    unit: &BuildUnit,
+    deps: &[DrvPath],
+    settings: &Settings,
+) -> Result<Map<String, Value>> {
     let t = unit.target;
     let label_text = unit
         .labels
@@ -213,13 +318,22 @@ fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<St
         .map(Label::as_str)
         .collect::<Vec<_>>()
         .join(", ");
-    let mut depends_on = vec![settings.bootstrap_key.clone()];
-    depends_on.extend(deps.iter().map(|d| d.step_key().into_string()));
+    let mut depends_on = vec![Value::String(text::exact(&settings.bootstrap_key)?)];
+    depends_on.extend(
+        deps.iter()
+            .map(|d| Value::String(d.step_key().into_string())),
+    );
     for extra in &t.extra_deps {
         let dep = match extra {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
+        let dep = Value::String(text::exact(&dep).with_context(|| {
+            format!(
+                "{}: meta.ci.buildkiteExtraDeps names a step key that cannot be uploaded",
+                t.label
+            )
+        })?);
         if !depends_on.contains(&dep) {
             depends_on.push(dep);
         }
@@ -235,38 +349,31 @@ fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<St
     let mut step = Map::new();
     step.insert(
         "label".into(),
-        Value::String(command::escape_interpolation(&format!(
-            ":nix: {label_text}"
-        ))),
+        Value::String(text::display(&format!(":nix: {label_text}"))),
     );
     step.insert(
         "key".into(),
         Value::String(t.drv_path.step_key().into_string()),
     );
-    step.insert(
-        "skip".into(),
-        if unit.skip {
-            json!(UNCHANGED)
-        } else {
-            json!(false)
-        },
+    let skip = match unit.skip_value() {
+        Value::String(reason) => Value::String(text::display(&reason)),
+        other => other,
+    };
+    step.insert("skip".into(), skip);
+    step.insert("command".into(), Value::String(text::exact_owned(command)?));
+    // A label no step can carry exactly never gets here
+    // (`set_aside_unuploadable`).
+    let mut env = Map::new();
+    env.insert(
+        "READTREE_TARGET".into(),
+        Value::String(text::exact(t.label.as_str())?),
     );
-    step.insert(
-        "command".into(),
-        Value::String(command::escape_interpolation(&command)),
-    );
-    step.insert(
-        "env".into(),
-        json!({ "READTREE_TARGET": command::escape_interpolation(t.label.as_str()) }),
-    );
+    step.insert("env".into(), Value::Object(env));
     step.insert(
         "cancel_on_build_failing".into(),
         json!(settings.cancel_on_build_failing),
     );
-    step.insert(
-        "depends_on".into(),
-        Value::Array(depends_on.into_iter().map(Value::String).collect()),
-    );
+    step.insert("depends_on".into(), Value::Array(depends_on));
     merge(&mut step, &settings.default_step_overrides);
     if let Some(secs) = t.timeout {
         // Round up and never 0: TVL's integer division turned 90 s into 1
@@ -277,7 +384,28 @@ fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<St
     if let Some(args) = &t.extra_step_args {
         merge(&mut step, args);
     }
-    step
+    Ok(step)
+}
+
+/// Move the targets whose label no step can carry exactly (see [`text`])
+/// to the broken ones: each gets a failing step naming it, rather than a
+/// step whose `READTREE_TARGET` would name something else. They are left
+/// out of `drvmap.json` like any broken target.
+pub fn set_aside_unuploadable(eval: &mut Evaluation) {
+    let uploadable = |t: &Target| text::exact(t.label.as_str()).is_ok();
+    if eval.targets.iter().all(uploadable) {
+        return;
+    }
+    let (keep, refuse): (Vec<Target>, Vec<Target>) = std::mem::take(&mut eval.targets)
+        .into_iter()
+        .partition(uploadable);
+    eval.targets = keep;
+    eval.broken.extend(refuse.into_iter().map(|t| BrokenTarget {
+        error: "its label has a backslash directly before `$`, which `buildkite-agent pipeline upload` reads as an escaped `$`, so no step can set READTREE_TARGET to it: rename the folder or attribute".to_owned(),
+        label: t.label,
+        attr_path: t.attr_path,
+        kind: BrokenKind::Unuploadable,
+    }));
 }
 
 /// The key of a broken target's failing step: stable across builds, unique
@@ -291,39 +419,57 @@ pub fn broken_step_key(label: &Label) -> StepKey {
     ))
 }
 
-/// The step standing in for a target that failed to evaluate: it prints
-/// Nix's error and fails, so the build fails while every healthy target
-/// is still built.
-fn broken_step(b: &BrokenTarget, settings: &Settings) -> Map<String, Value> {
+/// The step standing in for a target that failed to evaluate (or cannot
+/// be uploaded): it prints why and fails, so the build fails while every
+/// healthy target is still built.
+fn broken_step(b: &BrokenTarget, settings: &Settings) -> Result<Map<String, Value>> {
+    let what = broken_what(b.kind);
+    let hint = match b.kind {
+        BrokenKind::Evaluation => {
+            "drvkite generated neither its build step nor its extra steps: fix the error above (nix-instantiate on the target shows it in full)"
+        }
+        BrokenKind::Unuploadable => {
+            "drvkite generated neither its build step nor its extra steps: fix the error above"
+        }
+        BrokenKind::Node => {
+            "this readTree file fails before its targets can even be listed, so drvkite generated no step for any of them: fix the error above"
+        }
+    };
     let lines = [
-        format!("{} failed to evaluate:", b.label),
+        format!("{} {what}:", b.label),
         format!("  {}", b.error),
-        if b.node {
-            "this readTree file fails before its targets can even be listed, so drvkite generated no step for any of them: fix the error above".to_owned()
-        } else {
-            "drvkite generated neither its build step nor its extra steps: fix the error above (nix-instantiate on the target shows it in full)".to_owned()
-        },
+        hint.to_owned(),
     ];
-    let quoted: Vec<String> = lines.iter().map(|l| command::sh_quote(l)).collect();
-    let script = format!("printf '%s\\n' {} >&2; exit 1", quoted.join(" "));
+    let mut script = String::from("printf '%s\\n'");
+    for line in &lines {
+        script.push(' ');
+        text::push_shell_word(&mut script, line);
+    }
+    script.push_str(" >&2; exit 1");
     // Options such as `agents` apply; what makes it this step does not change.
     let mut step = settings.default_step_overrides.clone();
     step.insert(
         "label".into(),
-        json!(command::escape_interpolation(&format!(
-            ":x: {} failed to evaluate",
-            b.label
-        ))),
+        json!(text::display(&format!(":x: {} {what}", b.label))),
     );
     step.insert("key".into(), json!(broken_step_key(&b.label)));
+    step.insert("command".into(), json!(text::exact_owned(script)?));
     step.insert(
-        "command".into(),
-        json!(command::escape_interpolation(&script)),
+        "depends_on".into(),
+        json!([text::exact(&settings.bootstrap_key)?]),
     );
-    step.insert("depends_on".into(), json!([settings.bootstrap_key]));
     step.remove("skip");
     step.remove("soft_fail");
-    step
+    Ok(step)
+}
+
+/// How a broken target's step and warnings say what happened.
+pub fn broken_what(kind: BrokenKind) -> &'static str {
+    match kind {
+        BrokenKind::Evaluation => "failed to evaluate",
+        BrokenKind::Unuploadable => "cannot be uploaded",
+        BrokenKind::Node => "failed to evaluate",
+    }
 }
 
 /// One unit's build step (when the build phase is on) and extra steps.
@@ -338,18 +484,15 @@ fn render_unit(
     let t = unit.target;
     let build = build_enabled.then(|| {
         let d = deps.get(&t.drv_path).map(Vec::as_slice).unwrap_or(&[]);
-        Value::Object(build_step(unit, d, settings))
+        build_step(unit, d, settings).map(Value::Object)
     });
+    let build = build.transpose()?;
     let mut extras = Vec::new();
     for member in &unit.members {
         let parent_step = ParentStep {
             key: t.drv_path.step_key(),
             label: member.label.clone(),
-            skip: if unit.skip {
-                json!(UNCHANGED)
-            } else {
-                json!(false)
-            },
+            skip: unit.skip_value(),
         };
         extras.extend(extra::render(member, &parent_step, settings)?);
     }
@@ -389,27 +532,42 @@ pub fn generate(
     parent_detail: &str,
     settings: &Settings,
 ) -> Result<Pipeline> {
-    generate_with(eval, parent, parent_detail, settings, DrvGraph::default())
+    generate_with(
+        eval,
+        parent,
+        parent_detail,
+        settings,
+        DrvGraph::default(),
+        None,
+    )
 }
 
-/// [`generate`], with part of the derivation graph read already.
+/// [`generate`], with part of the derivation graph read already, and
+/// what the binary caches have when `--skip-cached` is on.
 pub fn generate_with(
     eval: &Evaluation,
     parent: &ParentMap,
     parent_detail: &str,
     settings: &Settings,
     graph: DrvGraph,
+    cached: Option<&crate::substitute::Report>,
 ) -> Result<Pipeline> {
     settings.validate()?;
     let enabled = settings.enabled_phases();
     let build_enabled = settings.build_enabled();
-    let units = group_by_drv(&eval.targets, parent);
+    let mut units = group_by_drv(&eval.targets, parent);
+    if let Some(report) = cached {
+        for u in units.iter_mut().filter(|u| !u.skip) {
+            u.cached = report.cache_of(&u.target.drv_path);
+        }
+    }
 
     // Dependencies between changed targets: only those are "known", so an
-    // unchanged (skipped) target is looked through, like any derivation.
+    // unchanged or cached (skipped) target is looked through, like any
+    // derivation.
     let changed: HashSet<DrvPath> = units
         .iter()
-        .filter(|u| !u.skip)
+        .filter(|u| !u.skipped())
         .map(|u| u.target.drv_path.clone())
         .collect();
     let graph_started = std::time::Instant::now();
@@ -458,7 +616,8 @@ pub fn generate_with(
             .broken
             .iter()
             .filter(|b| seen.insert(&b.label))
-            .map(|b| Value::Object(broken_step(b, settings)));
+            .map(|b| broken_step(b, settings).map(Value::Object))
+            .collect::<Result<Vec<_>>>()?;
         list.splice(0..0, steps);
     }
     if let Some(list) = phase_steps.get_mut("build") {
@@ -472,7 +631,8 @@ pub fn generate_with(
         .map(|p| (p.to_string(), phase_steps.remove(p).unwrap_or_default()))
         .collect();
 
-    let summary = summarise(eval, parent, parent_detail, &units, extra_count, &phases);
+    let mut summary = summarise(eval, parent, parent_detail, &units, extra_count, &phases);
+    summary.cache_check = cached.map(crate::substitute::Report::summary);
     Ok(Pipeline {
         phases,
         summary,
@@ -490,9 +650,12 @@ fn summarise(
 ) -> Summary {
     let mut changed = BTreeSet::new();
     let mut unchanged = 0;
+    let mut cached = BTreeMap::new();
     for u in units {
         if u.skip {
             unchanged += u.labels.len();
+        } else if let Some(cache) = u.cached {
+            cached.extend(u.labels.iter().map(|l| (l.clone(), cache)));
         } else {
             changed.extend(u.labels.iter().cloned());
         }
@@ -538,6 +701,14 @@ fn summarise(
             detail: parent_detail.to_owned(),
             source: parent.source.clone(),
         },
+        cached: cached
+            .into_iter()
+            .map(|(label, cache)| CachedSummary {
+                label,
+                cache: cache.to_owned(),
+            })
+            .collect(),
+        cache_check: None,
     }
 }
 
@@ -684,7 +855,7 @@ pub fn write_with(
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
     let write_chunks = |part: &[(String, ChunkFile)]| -> Result<()> {
         part.iter()
-            .try_for_each(|(name, file)| staged.write(name, &serde_json::to_vec(file)?))
+            .try_for_each(|(name, file)| staged.write(name, &text::to_vec(file)?))
     };
     std::thread::scope(|scope| -> Result<()> {
         let per_thread = chunk_files.len().div_ceil(threads).max(1);
