@@ -54,7 +54,7 @@ const BROKEN_FILES: &[(&str, &str, &str)] = &[
     (
         "tools/broken/imports-missing.nix",
         "{ ... }: import ./not-there.nix\n",
-        "not-there.nix",
+        "not-there.nix': No such file or directory (imported by ",
     ),
     // A folder's default.nix: its subfolder is still read, as it would be
     // without the file.

@@ -269,7 +269,8 @@ impl Runner {
                     if died_of_memory(status, &message, &err) {
                         Outcome::OutOfMemory
                     } else {
-                        Outcome::Failed(self.locate_missing(req, message).await)
+                        let listed = trail.lock().map_or(true, |t| t.listed());
+                        Outcome::Failed(self.locate_missing(req, message, listed).await)
                     }
                 }
             }
@@ -285,9 +286,18 @@ impl Runner {
 
     /// A missing path's message, with the place that imported it (see
     /// [`trace`]); on this error only, and only for a run cheap to repeat
-    /// (the target list, or one target), not for each half of a split.
-    pub(super) async fn locate_missing(&self, req: &Request, message: String) -> String {
-        let small = req.labels_only || req.only.as_ref().is_some_and(|o| o.len() == 1);
+    /// (the target list, a run that died listing it, a node walk, or one
+    /// target), not for each half of a split.
+    pub(super) async fn locate_missing(
+        &self,
+        req: &Request,
+        message: String,
+        listed: bool,
+    ) -> String {
+        let small = req.labels_only
+            || req.walk.is_some()
+            || (req.only.is_none() && !listed)
+            || req.only.as_ref().is_some_and(|o| o.len() == 1);
         let Some(missing) = trace::missing_path(&message).filter(|_| small) else {
             return message;
         };
