@@ -347,7 +347,9 @@ let
   # that node's file and resumes after it. No tryEval: it would say only
   # that a node failed, and getting Nix's message takes a run anyway.
   walkSpec = builtins.fromJSON walkJSON;
-  walkTrace = parts: builtins.trace "drvkite:${streamTag}:node ${builtins.toJSON parts}";
+  # `node`: probed here; `pass`: only passed through on the way.
+  walkTrace =
+    kind: parts: builtins.trace "drvkite:${streamTag}:${kind} ${builtins.toJSON parts}";
   probe =
     n:
     let
@@ -367,7 +369,7 @@ let
     parts: value: resume:
     let
       fresh = resume == null;
-      node = walkTrace parts value;
+      node = walkTrace (if fresh then "node" else "pass") parts value;
       next = if fresh || resume == parts then null else builtins.elemAt resume (length parts);
       later = c: next == null || !(builtins.lessThan c next);
       childResume = c: if c == next then resume else null;
@@ -385,7 +387,7 @@ let
     parts: value: target:
     let
       here = length parts == length target;
-      node = walkTrace parts value;
+      node = walkTrace (if here then "node" else "pass") parts value;
       c = builtins.elemAt target (length parts);
     in
     if !(isNode node) then

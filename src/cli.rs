@@ -399,14 +399,21 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
             .filter(|b| b.kind == crate::eval::BrokenKind::Node)
             .count();
         let targets = eval.broken.len() - nodes;
-        let files = match nodes {
-            0 => String::new(),
-            1 => ", 1 readTree file".to_owned(),
-            n => format!(", {n} readTree files"),
-        };
+        let mut what = Vec::new();
+        if targets > 0 || nodes == 0 {
+            what.push(format!(
+                "{targets} of {} targets",
+                targets + eval.targets.len()
+            ));
+        }
+        match nodes {
+            0 => {}
+            1 => what.push("1 readTree file".to_owned()),
+            n => what.push(format!("{n} readTree files")),
+        }
         eprintln!(
-            "drvkite: {targets} of {} targets{files} failed to evaluate or cannot be uploaded: each has a failing step in the pipeline; exiting with status {EXIT_BROKEN_TARGETS}",
-            targets + eval.targets.len()
+            "drvkite: {} failed to evaluate or cannot be uploaded: each has a failing step in the pipeline; exiting with status {EXIT_BROKEN_TARGETS}",
+            what.join(" and ")
         );
         ExitCode::from(EXIT_BROKEN_TARGETS)
     };

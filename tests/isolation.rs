@@ -492,3 +492,33 @@ fn broken_files_cost_runs_by_their_number_not_the_depots_size() {
     );
     assert!(broken_runs <= 1 + 3 + 3 + 1, "{broken_runs} runs");
 }
+
+#[test]
+fn the_same_error_in_files_apart_is_each_files_own() {
+    // A throw has no location: four files throwing the same text read as
+    // one error, unless healthy files lie between them (a filter that
+    // throws for every file leaves none).
+    let depot = Depot::new();
+    let files = [
+        "apps/todo.nix",
+        "lib/todo.nix",
+        "ops/todo.nix",
+        "tools/todo.nix",
+    ];
+    for file in files {
+        depot.write(file, "{ ... }: throw \"TODO\"\n");
+    }
+    let (out, res) = run(&depot, "todo", &[]);
+    assert_eq!(
+        res.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let found = broken(&out);
+    assert_eq!(
+        found.keys().cloned().collect::<BTreeSet<_>>(),
+        files.iter().map(|f| label_of(f)).collect::<BTreeSet<_>>()
+    );
+    assert!(found.values().all(|e| e == "TODO"), "{found:?}");
+}

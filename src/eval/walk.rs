@@ -53,8 +53,10 @@ pub(super) struct WalkSpec {
 pub(super) enum Mark {
     /// Everything outside the nodes evaluated: the depot, its settings.
     Begin,
-    /// About to force the node at this path.
+    /// About to force and probe the node at this path.
     Node(Vec<String>),
+    /// About to force the node at this path on the way to others.
+    Pass(Vec<String>),
     /// A full run has the length of the target list: listing worked.
     Listed,
 }
@@ -66,8 +68,11 @@ impl Mark {
             b"listed" => return Some(Mark::Listed),
             _ => {}
         }
-        let json = line.strip_prefix(b"node ")?;
-        serde_json::from_slice(json).ok().map(Mark::Node)
+        if let Some(json) = line.strip_prefix(b"node ") {
+            return serde_json::from_slice(json).ok().map(Mark::Node);
+        }
+        let json = line.strip_prefix(b"pass ")?;
+        serde_json::from_slice(json).ok().map(Mark::Pass)
     }
 }
 
@@ -75,7 +80,10 @@ impl Mark {
 #[derive(Debug, Default)]
 pub(super) struct Trail {
     began: bool,
+    /// The node forced last.
     last: Option<Vec<String>>,
+    /// The nodes probed, in order.
+    probed: Vec<Vec<String>>,
     listed: bool,
 }
 
@@ -83,7 +91,11 @@ impl Trail {
     pub(super) fn add(&mut self, mark: Mark) {
         match mark {
             Mark::Begin => self.began = true,
-            Mark::Node(path) => self.last = Some(path),
+            Mark::Node(path) => {
+                self.probed.push(path.clone());
+                self.last = Some(path);
+            }
+            Mark::Pass(path) => self.last = Some(path),
             Mark::Listed => self.listed = true,
         }
     }
@@ -121,9 +133,10 @@ impl BrokenNode {
 }
 
 /// After this many broken nodes in a row with one and the same message
-/// (location included), the error is taken to be outside them (a readTree
-/// `filter` that throws, say): the run fails rather than walking into
-/// every file of the depot one process at a time.
+/// (location included) and no healthy file between them, the error is
+/// taken to be outside them (a readTree `filter` that throws, say): the
+/// run fails rather than walking into every file of the depot one process
+/// at a time.
 const SAME_ERROR_LIMIT: usize = 4;
 
 /// The file of the node at `path`: `<name>.nix` (which wins over a folder
@@ -182,6 +195,8 @@ pub(super) async fn find_broken_nodes(runner: &Runner, scope: &Scope) -> Result<
     let depot_error = |message: &str| anyhow!("evaluating depot {depot} failed: {message}");
     let mut found: Vec<BrokenNode> = Vec::new();
     let mut resume = None;
+    // Broken nodes in a row with the same message, no healthy file between.
+    let mut streak = 0;
     loop {
         let spec = WalkSpec {
             resume: resume.take(),
@@ -211,13 +226,21 @@ pub(super) async fn find_broken_nodes(runner: &Runner, scope: &Scope) -> Result<
                 "{message} (in {label}, which has no file drvkite can hide)"
             )));
         };
-        let tail = found.len().saturating_sub(SAME_ERROR_LIMIT - 1);
-        if found.len() - tail == SAME_ERROR_LIMIT - 1
-            && found[tail..].iter().all(|f| f.error == message)
-        {
-            let labels: Vec<String> = found[tail..].iter().map(|f| f.path.join("/")).collect();
+        let healthy_file_between = trail
+            .probed
+            .iter()
+            .any(|p| *p != path && node_file(depot, p).is_some());
+        streak = match found.last() {
+            Some(f) if f.error == message && !healthy_file_between => streak + 1,
+            _ => 1,
+        };
+        if streak == SAME_ERROR_LIMIT {
+            let labels: Vec<String> = found[found.len() + 1 - SAME_ERROR_LIMIT..]
+                .iter()
+                .map(|f| f.path.join("/"))
+                .collect();
             return Err(depot_error(&format!(
-                "{message} (the same error in {SAME_ERROR_LIMIT} files in a row, {} and {label}: it is likely outside them, e.g. in the root default.nix or readTree's args)",
+                "{message} (the same error in {SAME_ERROR_LIMIT} files in a row, {} and {label}, and in none between: it is likely outside them, e.g. in the root default.nix or readTree's args)",
                 labels.join(", ")
             )));
         }
@@ -266,6 +289,10 @@ mod tests {
             Some(Mark::Node(vec!["tools".into(), "a b".into()]))
         );
         assert_eq!(Mark::parse(b"node []"), Some(Mark::Node(vec![])));
+        assert_eq!(
+            Mark::parse(br#"pass ["tools"]"#),
+            Some(Mark::Pass(vec!["tools".into()]))
+        );
         for other in [&b"ok 1 {}"[..], b"failed 0 {}", b"node {", b"beginning"] {
             assert_eq!(Mark::parse(other), None);
         }
