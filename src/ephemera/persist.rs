@@ -1,0 +1,149 @@
+//! `persist`: archive a set's paths into a new entry of the job's own
+//! scope. Whether the job may write at all comes from [`super::scope`];
+//! what may be archived from [`super::anchor`] and [`super::archive`];
+//! keeping the scope under its cap from [`super::evict`].
+
+use std::io::BufWriter;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result, bail};
+
+use super::archive::{self, Source};
+use super::cli::KeyArgs;
+use super::manifest::{self, Manifest};
+use super::restore::touch;
+use super::scope::Scope;
+use super::store::Hashing;
+use super::{Ctx, check_name, env, evict::make_room, format_size, show_paths};
+
+pub(super) async fn persist(
+    ctx: &Ctx,
+    name: &str,
+    paths: &[String],
+    key: &KeyArgs,
+) -> Result<ExitCode> {
+    check_name(name)?;
+    // In a post-command hook the agent tells how the command ended.
+    if let Some(status) = env("BUILDKITE_COMMAND_EXIT_STATUS").filter(|s| s != "0") {
+        eprintln!("ephemera: {name}: not persisting: the command failed (exit status {status})");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let job = Scope::from_env(env)?;
+    let Some(scope) = job.write_scope(ctx.policy) else {
+        eprintln!(
+            "ephemera: {name}: not persisting: {job} is a default-branch build and trusted seeds \
+             are off (DRVKITE_EPHEMERA_SEED)"
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    let (cwd, anchors) = ctx.anchors()?;
+    let inputs = key.inputs(name, &cwd)?;
+    let key = inputs.key();
+    let mut sources: Vec<Source> = Vec::new();
+    for arg in paths {
+        match anchors.resolve(arg)? {
+            Some((saved, real)) => {
+                if let Some(other) = sources
+                    .iter()
+                    .find(|s| s.real.starts_with(&real) || real.starts_with(&s.real))
+                {
+                    bail!(
+                        "{arg} and {} overlap: give each path of ephemera set {name} once",
+                        other.saved
+                    );
+                }
+                sources.push(Source { saved, real });
+            }
+            None => eprintln!("ephemera: {name}: {arg} does not exist, leaving it out"),
+        }
+    }
+    if sources.is_empty() {
+        eprintln!("ephemera: {name}: nothing to persist");
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let tmp = tempfile::NamedTempFile::new().context("cannot create a temporary file")?;
+    let mut writer = Hashing::new(
+        BufWriter::new(tmp.reopen().context("cannot open the temporary file")?),
+        ctx.options.max_entry_size,
+    );
+    let created = archive::create(&sources, &mut writer, &ctx.limits()).map(|(s, _)| s);
+    if writer.exceeded {
+        bail!(
+            "ephemera set {name} is bigger than --max-entry-size ({}) compressed: raise the cap \
+             or persist less",
+            format_size(ctx.options.max_entry_size)
+        );
+    }
+    let summary = created.with_context(|| format!("cannot archive ephemera set {name}"))?;
+    let (sha256, size, file) = writer.finish().context("cannot write the archive")?;
+    file.into_inner()
+        .map_err(|e| e.into_error())
+        .and_then(|f| f.sync_all())
+        .context("cannot write the archive")?;
+    for skipped in &summary.skipped {
+        eprintln!("ephemera: {name}: left out {skipped}");
+    }
+
+    let prefix = scope.prefix();
+    let index = manifest::load_scope(&ctx.store, &prefix, None).await?;
+    if let Some(same) = index
+        .newest(name, &key)
+        .filter(|e| e.manifest.sha256 == sha256)
+    {
+        touch(ctx, same).await;
+        println!(
+            "ephemera: {name} unchanged since entry {} in scope {scope} (sha256={sha256}): \
+             nothing new stored",
+            same.manifest.id
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    make_room(ctx, &index, name, size, &sha256).await?;
+    let blob = manifest::blob_key(&prefix, &sha256);
+    ctx.store.put_file(&blob, tmp.path()).await?;
+    let now = SystemTime::now();
+    let id = manifest::new_id(now);
+    let m = Manifest {
+        format: manifest::MANIFEST_FORMAT,
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        id: id.clone(),
+        name: name.to_string(),
+        scope: prefix.clone(),
+        key: key.clone(),
+        key_inputs: inputs,
+        sha256: sha256.clone(),
+        size,
+        unpacked_size: summary.unpacked,
+        entries: summary.entries,
+        paths: sources.iter().map(|s| s.saved.clone()).collect(),
+        created_at: manifest::now_rfc3339(now),
+        created_by: manifest::CreatedBy::from_env(env),
+    };
+    let entry_key = manifest::entry_key(&prefix, name, &key, &id);
+    if !ctx
+        .store
+        .create(&entry_key, serde_json::to_vec_pretty(&m)?)
+        .await?
+    {
+        bail!(
+            "{} already exists: another job wrote the same entry id; run persist again",
+            ctx.store.location(&entry_key)
+        );
+    }
+    let used = manifest::used_key(&prefix, name, &key, &id);
+    ctx.store
+        .put(&used, manifest::now_rfc3339(now).into_bytes())
+        .await?;
+    println!(
+        "ephemera: persisted {name} scope={scope} key={key} sha256={sha256} size={} \
+         ({} files and folders, {} unpacked) paths={} location={}",
+        format_size(size),
+        summary.entries,
+        format_size(summary.unpacked),
+        show_paths(&m),
+        ctx.store.location(&blob)
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,260 @@
+//! `restore`: find the entry a job may use and put it in place. The scopes
+//! searched, and in which order, come from [`super::scope`]; every check
+//! of the manifest and the archive before anything is replaced lives here
+//! and in [`super::archive`]. A job writes only into its own scope: use
+//! marks and quarantine tombstones of other scopes are never written.
+
+use std::io::BufWriter;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::{Result, bail};
+
+use super::anchor::{self, Anchors};
+use super::archive;
+use super::cli::KeyArgs;
+use super::manifest::{self, Entry, Tombstone};
+use super::scope::Scope;
+use super::store::Hashing;
+use super::{Ctx, check_name, env, format_size, show_paths};
+
+const ANNOTATION_CONTEXT: &str = "drvkite-ephemera";
+
+/// Record a use (best effort: it only steers eviction).
+pub(super) async fn touch(ctx: &Ctx, entry: &Entry) {
+    let now = manifest::now_rfc3339(SystemTime::now()).into_bytes();
+    if let Err(e) = ctx.store.put(&entry.used_key(), now).await {
+        eprintln!(
+            "ephemera: warning: cannot record the use of {}: {e:#}",
+            entry.manifest.id
+        );
+    }
+}
+
+/// Why one candidate entry was not restored.
+enum Refusal {
+    /// Nothing was touched; try the next candidate. `integrity` failures
+    /// (digest, archive) get the entry quarantined where the job may write.
+    Skip {
+        reason: anyhow::Error,
+        integrity: bool,
+    },
+    /// Replacing the targets had started: the job must fail.
+    Fatal(anyhow::Error),
+}
+
+pub(super) async fn restore(
+    ctx: &Ctx,
+    name: &str,
+    key: &KeyArgs,
+    require: bool,
+    annotate: bool,
+) -> Result<ExitCode> {
+    check_name(name)?;
+    let job = Scope::from_env(env)?;
+    let scopes = job.restore_scopes(ctx.policy);
+    let miss = |why: String| -> Result<ExitCode> {
+        if require {
+            bail!("ephemera: {name}: nothing restored and --require is set: {why}");
+        }
+        eprintln!("ephemera: {name}: nothing restored: {why}");
+        Ok(ExitCode::SUCCESS)
+    };
+    if scopes.is_empty() {
+        return miss(format!(
+            "{job} is a default-branch build, which starts pristine \
+             (DRVKITE_EPHEMERA_TRUSTED_RESTORE allows trusted seeds)"
+        ));
+    }
+    let (cwd, anchors) = ctx.anchors()?;
+    let key = key.inputs(name, &cwd)?.key();
+    let write_scope = job.write_scope(ctx.policy).map(|s| s.prefix());
+    for scope in &scopes {
+        let prefix = scope.prefix();
+        let index = manifest::load_scope(&ctx.store, &prefix, Some(name)).await?;
+        for entry in index.live(name, &key) {
+            match restore_entry(ctx, entry, &anchors).await {
+                Ok(line) => {
+                    println!("{line}");
+                    if annotate {
+                        append_annotation(&line);
+                    }
+                    // A job writes only into its own scope, even last-use
+                    // marks: trusted seeds are kept fresh by the default
+                    // branch persisting them.
+                    if write_scope.as_deref() == Some(prefix.as_str()) {
+                        touch(ctx, entry).await;
+                    }
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Err(Refusal::Fatal(e)) => return Err(e),
+                Err(Refusal::Skip { reason, integrity }) => {
+                    eprintln!(
+                        "ephemera: warning: {name}: entry {} in scope {scope} refused: {reason:#}",
+                        entry.manifest.id
+                    );
+                    if integrity && write_scope.as_deref() == Some(prefix.as_str()) {
+                        quarantine(ctx, entry).await;
+                    }
+                }
+            }
+        }
+    }
+    let searched: Vec<String> = scopes.iter().map(|s| s.prefix()).collect();
+    miss(format!(
+        "no entry with key {key} in {}",
+        searched.join(", ")
+    ))
+}
+
+async fn restore_entry(ctx: &Ctx, entry: &Entry, anchors: &Anchors) -> Result<String, Refusal> {
+    let skip = |reason: anyhow::Error, integrity: bool| Refusal::Skip { reason, integrity };
+    let m = &entry.manifest;
+    if m.size > ctx.options.max_entry_size {
+        return Err(skip(
+            anyhow::anyhow!(
+                "it is {} compressed, more than --max-entry-size ({})",
+                format_size(m.size),
+                format_size(ctx.options.max_entry_size)
+            ),
+            false,
+        ));
+    }
+    // A manifest listing unsafe paths is broken (or forged); a path this
+    // agent cannot place (no HOME, a link in the checkout) is not.
+    for p in &m.paths {
+        anchor::check_saved(p).map_err(|e| skip(e, true))?;
+    }
+    let targets = m
+        .paths
+        .iter()
+        .map(|p| anchors.target(p))
+        .collect::<Result<Vec<_>>>()
+        .map_err(|e| skip(e, false))?;
+    // Persist never writes these; a manifest that has them was forged.
+    let overlapping = targets.iter().enumerate().any(|(i, a)| {
+        targets[i + 1..]
+            .iter()
+            .any(|b| a.starts_with(b) || b.starts_with(a))
+    });
+    if targets.is_empty() || overlapping {
+        return Err(skip(
+            anyhow::anyhow!("its manifest lists no paths or overlapping paths"),
+            true,
+        ));
+    }
+    let blob = entry.blob_key();
+    let location = ctx.store.location(&blob);
+    // Download and check the digest before anything is extracted.
+    let tmp = tempfile::NamedTempFile::new().map_err(|e| skip(e.into(), false))?;
+    let file = tmp.reopen().map_err(|e| skip(e.into(), false))?;
+    let mut writer = Hashing::new(BufWriter::new(file), ctx.options.max_entry_size.min(m.size));
+    let found = ctx.store.download(&blob, &mut writer).await;
+    if writer.exceeded {
+        return Err(skip(
+            anyhow::anyhow!(
+                "{location} is bigger than its manifest says ({} bytes)",
+                m.size
+            ),
+            true,
+        ));
+    }
+    if !found.map_err(|e| skip(e, false))? {
+        return Err(skip(anyhow::anyhow!("{location} is missing"), true));
+    }
+    let (sha256, _, file) = writer.finish().map_err(|e| skip(e.into(), false))?;
+    drop(file);
+    if sha256 != m.sha256 {
+        return Err(skip(
+            anyhow::anyhow!(
+                "sha256 mismatch: the manifest says {} but {location} has {sha256}; nothing was \
+                 extracted",
+                m.sha256
+            ),
+            true,
+        ));
+    }
+    let reader = std::fs::File::open(tmp.path()).map_err(|e| skip(e.into(), false))?;
+    let staged = archive::extract(std::io::BufReader::new(reader), &targets, &ctx.limits())
+        .map_err(|e| {
+            skip(
+                e.context("the archive was refused; nothing was changed"),
+                true,
+            )
+        })?;
+    staged.swap().map_err(Refusal::Fatal)?;
+    Ok(format!(
+        "ephemera: restored {} scope={} key={} sha256={} size={} paths={} created by {} at {} \
+         location={}",
+        m.name,
+        m.scope,
+        m.key,
+        m.sha256,
+        format_size(m.size),
+        show_paths(m),
+        m.created_by.describe(),
+        m.created_at,
+        location
+    ))
+}
+
+/// Tombstone a broken entry's key so later jobs of the scope skip it.
+async fn quarantine(ctx: &Ctx, entry: &Entry) {
+    let m = &entry.manifest;
+    match write_tombstone(ctx, &m.scope, &m.name, Some(m.key.clone())).await {
+        Ok(()) => eprintln!(
+            "ephemera: {}: invalidated key {} in scope {} so the next persist starts afresh",
+            m.name, m.key, m.scope
+        ),
+        Err(e) => eprintln!("ephemera: warning: cannot invalidate the broken entry: {e:#}"),
+    }
+}
+
+pub(super) async fn write_tombstone(
+    ctx: &Ctx,
+    scope: &str,
+    name: &str,
+    key: Option<String>,
+) -> Result<()> {
+    let now = SystemTime::now();
+    let t = Tombstone {
+        format: manifest::MANIFEST_FORMAT,
+        id: manifest::new_id(now),
+        name: name.to_string(),
+        key,
+        created_at: manifest::now_rfc3339(now),
+        created_by: manifest::CreatedBy::from_env(env),
+    };
+    let path = manifest::tombstone_key(scope, name, &t.id);
+    if !ctx
+        .store
+        .create(&path, serde_json::to_vec_pretty(&t)?)
+        .await?
+    {
+        bail!(
+            "{} already exists: run invalidate again",
+            ctx.store.location(&path)
+        );
+    }
+    Ok(())
+}
+
+fn append_annotation(line: &str) {
+    let body = format!("- `{}`\n", line.replace('`', "'"));
+    let status = std::process::Command::new("buildkite-agent")
+        .args([
+            "annotate",
+            "--append",
+            "--context",
+            ANNOTATION_CONTEXT,
+            "--style",
+            "info",
+            &body,
+        ])
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => eprintln!("ephemera: warning: buildkite-agent annotate failed ({s})"),
+        Err(e) => eprintln!("ephemera: warning: cannot run buildkite-agent annotate: {e}"),
+    }
+}
