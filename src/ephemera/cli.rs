@@ -48,6 +48,11 @@ pub struct Options {
     /// requests or branches).
     #[arg(long, env = "DRVKITE_EPHEMERA_TRUSTED_RESTORE", value_parser = FalseyValueParser::new(), global = true)]
     pub trusted_restore: bool,
+    /// Allow persisting and restoring whole config folders (~/.config,
+    /// ~/.local/share), where many tools keep credentials. Credential stores
+    /// inside them are left out all the same.
+    #[arg(long, env = "DRVKITE_EPHEMERA_ALLOW_CONFIG_FOLDERS", value_parser = FalseyValueParser::new(), global = true)]
+    pub allow_config_folders: bool,
     /// Largest compressed entry to write or restore (e.g. 4GiB, 500MB).
     #[arg(long, env = "DRVKITE_EPHEMERA_MAX_ENTRY_SIZE", default_value = "4GiB", value_parser = parse_size, global = true)]
     pub max_entry_size: u64,

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Result, bail};
 
 use super::manifest::{self, Entry, ScopeIndex};
+use super::store::Scoped;
 use super::{Ctx, age, format_size, short};
 
 /// Unreferenced blobs younger than this may belong to a persist in
@@ -20,6 +21,7 @@ const GRACE: Duration = Duration::from_secs(3600);
 /// recently used ones, of this scope only (other scopes never pay for it).
 pub(super) async fn make_room(
     ctx: &Ctx,
+    job: &Scoped<'_>,
     index: &ScopeIndex,
     name: &str,
     size: u64,
@@ -55,7 +57,7 @@ pub(super) async fn make_room(
         }
         if blob.key != new_blob && !refs.contains_key(&blob.key) && age(now, blob.modified) > GRACE
         {
-            ctx.store.delete(&blob.key).await?;
+            job.delete(&blob.key).await?;
             usage -= blob.size;
         }
     }
@@ -65,13 +67,13 @@ pub(super) async fn make_room(
         if usage <= cap {
             return Ok(());
         }
-        ctx.store.delete(&e.path).await?;
-        ctx.store.delete(&e.used_key()).await?;
+        job.delete(&e.path).await?;
+        job.delete(&e.used_key()).await?;
         let blob = e.blob_key();
         let left = refs.get_mut(&blob).expect("counted above");
         *left -= 1;
         if *left == 0 && blob != new_blob {
-            ctx.store.delete(&blob).await?;
+            job.delete(&blob).await?;
             usage -= blob_sizes.get(blob.as_str()).copied().unwrap_or(0);
         }
         eprintln!(
@@ -101,17 +103,25 @@ pub(super) async fn make_room(
     Ok(())
 }
 
+/// Remove what nobody used for `max_age`, invalidated entries and
+/// leftovers, in every scope of the store. Only entries whose manifests
+/// agree with their place are acted upon, and every key removed is derived
+/// from where an object lies; anything else is left alone with a warning.
 pub(super) async fn gc(ctx: &Ctx, max_age: Duration, dry_run: bool) -> Result<ExitCode> {
     let now = SystemTime::now();
     let scopes = manifest::load(&ctx.store, "", None).await?;
     let mut doomed: Vec<String> = Vec::new();
     let (mut entries_removed, mut kept, mut bytes) = (0usize, 0usize, 0u64);
+    let mut skipped = 0usize;
     for index in &scopes {
+        let stored: HashSet<&str> = index.blobs.iter().map(|b| b.key.as_str()).collect();
         let mut live_blobs = HashSet::new();
         let mut live_markers = HashSet::new();
         let mut evicted_blobs = HashSet::new();
         for e in &index.entries {
-            if e.tombstoned || age(now, e.last_used) > max_age {
+            // An entry whose archive is gone cannot be restored.
+            let lost = !stored.contains(e.blob_key().as_str()) && age(now, e.last_used) > GRACE;
+            if e.tombstoned || lost || age(now, e.last_used) > max_age {
                 doomed.push(e.path.clone());
                 doomed.push(e.used_key());
                 evicted_blobs.insert(e.blob_key());
@@ -122,6 +132,8 @@ pub(super) async fn gc(ctx: &Ctx, max_age: Duration, dry_run: bool) -> Result<Ex
                 kept += 1;
             }
         }
+        // Young archives no entry names may belong to a persist in
+        // progress (blob stored, manifest not yet).
         for b in &index.blobs {
             let orphan_old = age(now, b.modified) > GRACE;
             if !live_blobs.contains(&b.key) && (evicted_blobs.contains(&b.key) || orphan_old) {
@@ -140,10 +152,22 @@ pub(super) async fn gc(ctx: &Ctx, max_age: Duration, dry_run: bool) -> Result<Ex
             }
         }
         for j in &index.junk {
-            if age(now, j.modified) > GRACE {
-                doomed.push(j.key.clone());
+            skipped += 1;
+            if skipped <= 20 {
+                eprintln!(
+                    "ephemera gc: warning: skipping {}: {} (remove it by hand if it is not \
+                     yours)",
+                    ctx.store.location(&j.listed.key),
+                    j.reason
+                );
             }
         }
+    }
+    if skipped > 20 {
+        eprintln!(
+            "ephemera gc: warning: skipping {} more objects that are not valid entries",
+            skipped - 20
+        );
     }
     doomed.sort();
     doomed.dedup();
@@ -156,11 +180,16 @@ pub(super) async fn gc(ctx: &Ctx, max_age: Duration, dry_run: bool) -> Result<Ex
     }
     println!(
         "ephemera gc: {} {entries_removed} entries and {} of archives ({} objects), kept \
-         {kept} entries used within {}",
+         {kept} entries used within {}{}",
         if dry_run { "would remove" } else { "removed" },
         format_size(bytes),
         doomed.len(),
-        humantime::format_duration(max_age)
+        humantime::format_duration(max_age),
+        if skipped > 0 {
+            format!(", skipped {skipped} objects that are not valid entries")
+        } else {
+            String::new()
+        }
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -6,7 +6,8 @@
 //!   environment only. Default-branch builds restore nothing unless the
 //!   operator allows trusted seeds; pull requests never write where the
 //!   default branch reads; forks are isolated.
-//! - [`anchor`]: which paths may be persisted and restored, and where.
+//! - [`anchor`]: which paths may be persisted and restored, and where;
+//!   [`credentials`] and [`places`] are what never may.
 //! - [`key`]: what invalidates an entry (name, salt, key files, drvPath).
 //! - [`persist`], [`restore`], [`report`]: the commands.
 //! - [`evict`]: what leaves the store (scope caps, `gc`).
@@ -20,10 +21,12 @@
 pub mod anchor;
 pub mod archive;
 pub mod cli;
+pub mod credentials;
 mod evict;
 pub mod key;
 pub mod manifest;
 mod persist;
+pub mod places;
 mod report;
 mod restore;
 pub mod scope;
@@ -43,6 +46,7 @@ use anchor::Anchors;
 use archive::Limits;
 use cli::Options;
 use manifest::Manifest;
+use places::Forbidden;
 use scope::Policy;
 use store::Store;
 
@@ -70,10 +74,19 @@ impl Ctx {
         }
     }
 
+    /// The job's anchors, guarded by the places no job may persist or
+    /// restore (see [`places`]).
     pub(crate) fn anchors(&self) -> Result<(PathBuf, Anchors)> {
         let cwd = std::env::current_dir().context("cannot read the working directory")?;
         let home = env("HOME").filter(|h| !h.is_empty()).map(PathBuf::from);
         let anchors = Anchors::new(&cwd, home.as_deref())?;
+        let forbidden = Forbidden::of_job(self.store.local_root(), anchors.workspace(), env);
+        let xdg: Vec<PathBuf> = ["XDG_CONFIG_HOME", "XDG_DATA_HOME"]
+            .iter()
+            .filter_map(|v| env(v).filter(|p| p.starts_with('/')))
+            .map(PathBuf::from)
+            .collect();
+        let anchors = anchors.guarded(forbidden, &xdg, self.options.allow_config_folders);
         Ok((cwd, anchors))
     }
 }

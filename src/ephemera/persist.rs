@@ -14,7 +14,7 @@ use super::cli::KeyArgs;
 use super::manifest::{self, Manifest};
 use super::restore::touch;
 use super::scope::Scope;
-use super::store::Hashing;
+use super::store::{Hashing, Scoped};
 use super::{Ctx, check_name, env, evict::make_room, format_size, show_paths};
 
 pub(super) async fn persist(
@@ -40,6 +40,15 @@ pub(super) async fn persist(
     let (cwd, anchors) = ctx.anchors()?;
     let inputs = key.inputs(name, &cwd)?;
     let key = inputs.key();
+    // A restore of this set interrupted mid-swap would make a path look
+    // missing: put it back first.
+    let places: Vec<_> = paths.iter().filter_map(|a| anchors.place(a).ok()).collect();
+    for back in archive::recover(&places) {
+        eprintln!(
+            "ephemera: {name}: put {} back as an interrupted restore left it",
+            back.display()
+        );
+    }
     let mut sources: Vec<Source> = Vec::new();
     for arg in paths {
         match anchors.resolve(arg)? {
@@ -82,17 +91,20 @@ pub(super) async fn persist(
         .map_err(|e| e.into_error())
         .and_then(|f| f.sync_all())
         .context("cannot write the archive")?;
-    for skipped in &summary.skipped {
-        eprintln!("ephemera: {name}: left out {skipped}");
-    }
+    report_left_out(name, &summary.skipped);
 
     let prefix = scope.prefix();
+    let job = Scoped::new(&ctx.store, prefix.clone());
     let index = manifest::load_scope(&ctx.store, &prefix, None).await?;
+    let blob = manifest::blob_key(&prefix, &sha256);
+    // The same contents under the same key: nothing to store, as long as
+    // the archive is still there (a concurrent eviction may have taken it).
+    let stored = index.blobs.iter().any(|b| b.key == blob && b.size == size);
     if let Some(same) = index
         .newest(name, &key)
-        .filter(|e| e.manifest.sha256 == sha256)
+        .filter(|e| e.manifest.sha256 == sha256 && stored)
     {
-        touch(ctx, same).await;
+        touch(&job, same).await;
         println!(
             "ephemera: {name} unchanged since entry {} in scope {scope} (sha256={sha256}): \
              nothing new stored",
@@ -100,9 +112,8 @@ pub(super) async fn persist(
         );
         return Ok(ExitCode::SUCCESS);
     }
-    make_room(ctx, &index, name, size, &sha256).await?;
-    let blob = manifest::blob_key(&prefix, &sha256);
-    ctx.store.put_file(&blob, tmp.path()).await?;
+    make_room(ctx, &job, &index, name, size, &sha256).await?;
+    job.put_file(&blob, tmp.path()).await?;
     let now = SystemTime::now();
     let id = manifest::new_id(now);
     let m = Manifest {
@@ -122,8 +133,7 @@ pub(super) async fn persist(
         created_by: manifest::CreatedBy::from_env(env),
     };
     let entry_key = manifest::entry_key(&prefix, name, &key, &id);
-    if !ctx
-        .store
+    if !job
         .create(&entry_key, serde_json::to_vec_pretty(&m)?)
         .await?
     {
@@ -133,8 +143,7 @@ pub(super) async fn persist(
         );
     }
     let used = manifest::used_key(&prefix, name, &key, &id);
-    ctx.store
-        .put(&used, manifest::now_rfc3339(now).into_bytes())
+    job.put(&used, manifest::now_rfc3339(now).into_bytes())
         .await?;
     println!(
         "ephemera: persisted {name} scope={scope} key={key} sha256={sha256} size={} \
@@ -146,4 +155,19 @@ pub(super) async fn persist(
         ctx.store.location(&blob)
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Tell what was left out (credentials, links leaving the path…), at most
+/// 20 lines.
+fn report_left_out(name: &str, skipped: &[String]) {
+    const SHOWN: usize = 20;
+    for what in skipped.iter().take(SHOWN) {
+        eprintln!("ephemera: {name}: left out {what}");
+    }
+    if skipped.len() > SHOWN {
+        eprintln!(
+            "ephemera: {name}: left out {} more files, folders or links",
+            skipped.len() - SHOWN
+        );
+    }
 }

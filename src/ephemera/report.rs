@@ -10,6 +10,7 @@ use super::cli::KeyArgs;
 use super::manifest::{self, Entry, Manifest};
 use super::restore::write_tombstone;
 use super::scope::{Scope, component};
+use super::store::Scoped;
 use super::{Ctx, check_name, env, format_size, short, show_paths};
 
 /// An entry as `list --json` and `show --json` print it.
@@ -136,7 +137,7 @@ pub(super) async fn invalidate(ctx: &Ctx, name: &str, key: Option<String>) -> Re
     // A job invalidates in its own scope: a pull request can never hide
     // (or unhide) the default branch's seeds.
     let job = Scope::from_env(env)?;
-    write_tombstone(ctx, &job.prefix(), name, key.clone()).await?;
+    write_tombstone(&Scoped::new(&ctx.store, job.prefix()), name, key.clone()).await?;
     println!(
         "ephemera: invalidated {name} ({}) in scope {job}: restores skip entries created before now",
         key.map_or("all keys".to_string(), |k| format!("key {k}"))

@@ -5,6 +5,7 @@
 //! marks and quarantine tombstones of other scopes are never written.
 
 use std::io::BufWriter;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
@@ -15,15 +16,20 @@ use super::archive;
 use super::cli::KeyArgs;
 use super::manifest::{self, Entry, Tombstone};
 use super::scope::Scope;
-use super::store::Hashing;
+use super::store::{Hashing, Scoped};
 use super::{Ctx, check_name, env, format_size, show_paths};
 
 const ANNOTATION_CONTEXT: &str = "drvkite-ephemera";
 
-/// Record a use (best effort: it only steers eviction).
-pub(super) async fn touch(ctx: &Ctx, entry: &Entry) {
+/// Record a use (best effort: it only steers eviction). Only entries of
+/// the job's own scope are marked: trusted seeds are kept fresh by the
+/// default branch persisting them.
+pub(super) async fn touch(job: &Scoped<'_>, entry: &Entry) {
+    if entry.scope != job.scope() {
+        return;
+    }
     let now = manifest::now_rfc3339(SystemTime::now()).into_bytes();
-    if let Err(e) = ctx.store.put(&entry.used_key(), now).await {
+    if let Err(e) = job.put(&entry.used_key(), now).await {
         eprintln!(
             "ephemera: warning: cannot record the use of {}: {e:#}",
             entry.manifest.id
@@ -68,7 +74,10 @@ pub(super) async fn restore(
     }
     let (cwd, anchors) = ctx.anchors()?;
     let key = key.inputs(name, &cwd)?.key();
-    let write_scope = job.write_scope(ctx.policy).map(|s| s.prefix());
+    // Where this job may change anything: its own scope, if it may write.
+    let own = job
+        .write_scope(ctx.policy)
+        .map(|s| Scoped::new(&ctx.store, s.prefix()));
     for scope in &scopes {
         let prefix = scope.prefix();
         let index = manifest::load_scope(&ctx.store, &prefix, Some(name)).await?;
@@ -79,11 +88,8 @@ pub(super) async fn restore(
                     if annotate {
                         append_annotation(&line);
                     }
-                    // A job writes only into its own scope, even last-use
-                    // marks: trusted seeds are kept fresh by the default
-                    // branch persisting them.
-                    if write_scope.as_deref() == Some(prefix.as_str()) {
-                        touch(ctx, entry).await;
+                    if let Some(own) = &own {
+                        touch(own, entry).await;
                     }
                     return Ok(ExitCode::SUCCESS);
                 }
@@ -93,8 +99,8 @@ pub(super) async fn restore(
                         "ephemera: warning: {name}: entry {} in scope {scope} refused: {reason:#}",
                         entry.manifest.id
                     );
-                    if integrity && write_scope.as_deref() == Some(prefix.as_str()) {
-                        quarantine(ctx, entry).await;
+                    if let Some(own) = own.as_ref().filter(|_| integrity) {
+                        quarantine(own, entry).await;
                     }
                 }
             }
@@ -128,14 +134,14 @@ async fn restore_entry(ctx: &Ctx, entry: &Entry, anchors: &Anchors) -> Result<St
     let targets = m
         .paths
         .iter()
-        .map(|p| anchors.target(p))
+        .map(|p| anchors.target(p).map(|t| (p.clone(), t)))
         .collect::<Result<Vec<_>>>()
         .map_err(|e| skip(e, false))?;
     // Persist never writes these; a manifest that has them was forged.
-    let overlapping = targets.iter().enumerate().any(|(i, a)| {
+    let overlapping = targets.iter().enumerate().any(|(i, (_, a))| {
         targets[i + 1..]
             .iter()
-            .any(|b| a.starts_with(b) || b.starts_with(a))
+            .any(|(_, b)| a.starts_with(b) || b.starts_with(a))
     });
     if targets.is_empty() || overlapping {
         return Err(skip(
@@ -159,10 +165,16 @@ async fn restore_entry(ctx: &Ctx, entry: &Entry, anchors: &Anchors) -> Result<St
             true,
         ));
     }
+    // Gone since it was listed (gc or another job's eviction), or lost: not
+    // the entry's fault, and the next persist of these contents stores it
+    // again.
     if !found.map_err(|e| skip(e, false))? {
-        return Err(skip(anyhow::anyhow!("{location} is missing"), true));
+        return Err(skip(
+            anyhow::anyhow!("{location} is missing (removed meanwhile?)"),
+            false,
+        ));
     }
-    let (sha256, _, file) = writer.finish().map_err(|e| skip(e.into(), false))?;
+    let (sha256, len, file) = writer.finish().map_err(|e| skip(e.into(), false))?;
     drop(file);
     if sha256 != m.sha256 {
         return Err(skip(
@@ -174,6 +186,23 @@ async fn restore_entry(ctx: &Ctx, entry: &Entry, anchors: &Anchors) -> Result<St
             true,
         ));
     }
+    if len != m.size {
+        return Err(skip(
+            anyhow::anyhow!(
+                "{location} has {len} bytes but its manifest says {}",
+                m.size
+            ),
+            true,
+        ));
+    }
+    let places: Vec<PathBuf> = targets.iter().map(|(_, t)| t.clone()).collect();
+    for back in archive::recover(&places) {
+        eprintln!(
+            "ephemera: {}: put {} back as an interrupted restore left it",
+            m.name,
+            back.display()
+        );
+    }
     let reader = std::fs::File::open(tmp.path()).map_err(|e| skip(e.into(), false))?;
     let staged = archive::extract(std::io::BufReader::new(reader), &targets, &ctx.limits())
         .map_err(|e| {
@@ -182,12 +211,15 @@ async fn restore_entry(ctx: &Ctx, entry: &Entry, anchors: &Anchors) -> Result<St
                 true,
             )
         })?;
+    for what in &staged.skipped {
+        eprintln!("ephemera: {}: left out {what}", m.name);
+    }
     staged.swap().map_err(Refusal::Fatal)?;
     Ok(format!(
         "ephemera: restored {} scope={} key={} sha256={} size={} paths={} created by {} at {} \
          location={}",
         m.name,
-        m.scope,
+        entry.scope,
         m.key,
         m.sha256,
         format_size(m.size),
@@ -198,21 +230,26 @@ async fn restore_entry(ctx: &Ctx, entry: &Entry, anchors: &Anchors) -> Result<St
     ))
 }
 
-/// Tombstone a broken entry's key so later jobs of the scope skip it.
-async fn quarantine(ctx: &Ctx, entry: &Entry) {
+/// Tombstone a broken entry's key so later jobs of the scope skip it; only
+/// in the job's own scope.
+async fn quarantine(job: &Scoped<'_>, entry: &Entry) {
+    if entry.scope != job.scope() {
+        return;
+    }
     let m = &entry.manifest;
-    match write_tombstone(ctx, &m.scope, &m.name, Some(m.key.clone())).await {
+    match write_tombstone(job, &m.name, Some(m.key.clone())).await {
         Ok(()) => eprintln!(
             "ephemera: {}: invalidated key {} in scope {} so the next persist starts afresh",
-            m.name, m.key, m.scope
+            m.name,
+            m.key,
+            job.scope()
         ),
         Err(e) => eprintln!("ephemera: warning: cannot invalidate the broken entry: {e:#}"),
     }
 }
 
 pub(super) async fn write_tombstone(
-    ctx: &Ctx,
-    scope: &str,
+    job: &Scoped<'_>,
     name: &str,
     key: Option<String>,
 ) -> Result<()> {
@@ -225,15 +262,11 @@ pub(super) async fn write_tombstone(
         created_at: manifest::now_rfc3339(now),
         created_by: manifest::CreatedBy::from_env(env),
     };
-    let path = manifest::tombstone_key(scope, name, &t.id);
-    if !ctx
-        .store
-        .create(&path, serde_json::to_vec_pretty(&t)?)
-        .await?
-    {
+    let path = manifest::tombstone_key(job.scope(), name, &t.id);
+    if !job.create(&path, serde_json::to_vec_pretty(&t)?).await? {
         bail!(
             "{} already exists: run invalidate again",
-            ctx.store.location(&path)
+            job.store().location(&path)
         );
     }
     Ok(())
