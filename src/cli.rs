@@ -213,7 +213,8 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
         .evaluate_into(args.fail_on_eval_error, Some(hook))
         .await;
     // On error the reader is left to stop by itself.
-    let eval = eval?;
+    let mut eval = eval?;
+    crate::pipeline::set_aside_unuploadable(&mut eval);
     let graph = prefetch.finish();
     let mut parent = Arc::unwrap_or_clone(parent);
     if eval.targets.is_empty() && eval.broken.is_empty() {
@@ -282,8 +283,10 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     );
     for b in &eval.broken {
         eprintln!(
-            "drvkite: warning: {} failed to evaluate: {}",
-            b.label, b.error
+            "drvkite: warning: {} {}: {}",
+            b.label,
+            crate::pipeline::broken_what(b.kind),
+            b.error
         );
     }
     let rendering = generated_at - evaluated - rooting - generated.graph_duration;
@@ -299,7 +302,7 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
         ExitCode::SUCCESS
     } else {
         eprintln!(
-            "drvkite: {} of {} targets failed to evaluate: each has a failing step in the pipeline; exiting with status {EXIT_BROKEN_TARGETS}",
+            "drvkite: {} of {} targets failed to evaluate or cannot be uploaded: each has a failing step in the pipeline; exiting with status {EXIT_BROKEN_TARGETS}",
             eval.broken.len(),
             eval.broken.len() + eval.targets.len()
         );

@@ -87,6 +87,18 @@ pub struct BrokenTarget {
     pub label: Label,
     pub attr_path: AttrPath,
     pub error: String,
+    pub kind: BrokenKind,
+}
+
+/// What keeps a broken target from its steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BrokenKind {
+    /// Its evaluation failed.
+    #[default]
+    Evaluation,
+    /// It evaluated, but its label cannot pass through
+    /// `buildkite-agent pipeline upload` unchanged.
+    Unuploadable,
 }
 
 #[derive(Debug, Default)]
@@ -843,6 +855,7 @@ impl Schedule<'_> {
                 label: header.label,
                 attr_path: header.attr_path,
                 error,
+                kind: BrokenKind::Evaluation,
             }),
         ));
         Ok(())

@@ -1158,12 +1158,9 @@ fn the_example_pipeline_is_valid_and_escapes_its_dollars() {
     let steps = pipeline["steps"].as_array().unwrap();
     let keys: Vec<&str> = steps.iter().filter_map(|s| s["key"].as_str()).collect();
     assert_eq!(keys, ["pipeline-gen", "check", "release"]);
-    for step in steps {
-        if let Some(cmd) = step["command"].as_str() {
-            // Buildkite would interpolate a lone `$` at upload time.
-            assert!(!cmd.replace("$$", "").contains('$'), "unescaped $ in {cmd}");
-        }
-    }
+    // Every `$` is meant for the shell at run time: the upload expands
+    // nothing.
+    common::upload::uploaded_value(&pipeline).unwrap();
     let generate = steps[0]["command"].as_str().unwrap();
     let order = [
         "parent-map fetch",

@@ -619,10 +619,10 @@ fn sets() -> Vec<EphemeraSet> {
     .unwrap()
 }
 
-/// Run a step command as Buildkite would: `$$` becomes `$` at pipeline
-/// upload, then the agent runs it with bash (`-e` unless `plain`).
+/// Run a step command as Buildkite would: uploaded (see
+/// `common::upload`), then run by bash (`-e` unless `plain`).
 fn run_step(job: &Job, command: &str, errexit: bool) -> Output {
-    let interpolated = command.replace("$$", "$");
+    let interpolated = common::upload::uploaded_text(command).unwrap();
     let mut cmd = job.base(Command::new("bash"));
     if errexit {
         cmd.arg("-e");
@@ -681,9 +681,9 @@ fn a_failing_step_persists_nothing() {
     // The next job's restore lines run before its script.
     let next = world.job(Build::Pr(5), &[]);
     next.write("Cargo.lock", "lock\n");
-    let check = "test \"$(cat target/out.txt)\" = built && test -f \"cost \\$5 'x'/price.txt\" \
+    let check = "test \"$(cat target/out.txt)\" = built && test -f \"cost \"'$5'\" 'x'/price.txt\" \
                  && test \"$(cat ~/.cache/tool/state)\" = warm && echo restored-first";
-    let command = wrap_script(&sets(), &check.replace('$', "$$")).unwrap();
+    let command = wrap_script(&sets(), check).unwrap();
     let out = run_step(&next, &command, false);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("restored-first"), "{}", stdout(&out));

@@ -2,9 +2,9 @@
 //! step's ephemera sets before its script and persist them after it, only
 //! when the script succeeded.
 //!
-//! The lines are meant for a Buildkite `command`, which `pipeline upload`
-//! interpolates: every literal `$` is written `$$`, and every value is
-//! single-quoted for bash.
+//! The lines are shell text: every value is one bash word. A step's
+//! command goes through [`crate::pipeline::text::exact`] as a whole before
+//! it is uploaded ([`wrap_script`] does that).
 
 use std::collections::HashSet;
 
@@ -12,6 +12,7 @@ use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::check_name;
+use crate::pipeline::text::{self, shell_word as quote};
 
 /// One ephemera set of an extra step, as the Nix side declares it in
 /// `meta.ci.extraSteps.<step>.ephemera`:
@@ -61,8 +62,7 @@ pub fn step_commands(sets: &[EphemeraSet]) -> Result<(String, String)> {
 }
 
 /// [`step_commands`] with another way to call drvkite (a path, or e.g.
-/// `nix run …#drvkite --`; inserted as it is, so it must be valid shell
-/// with any `$` already written `$$`).
+/// `${DRVKITE:-drvkite}`; inserted as it is, so it must be valid shell).
 pub fn step_commands_with(program: &str, sets: &[EphemeraSet]) -> Result<(String, String)> {
     let mut names = HashSet::new();
     for set in sets {
@@ -108,8 +108,8 @@ pub fn step_commands_with(program: &str, sets: &[EphemeraSet]) -> Result<(String
     };
     let mut restore = String::new();
     let mut persist = String::from(
-        "drvkite_ephemera_status=$$?\n\
-         if [ \"$$drvkite_ephemera_status\" -ne 0 ]; then exit \"$$drvkite_ephemera_status\"; fi\n",
+        "drvkite_ephemera_status=$?\n\
+         if [ \"$drvkite_ephemera_status\" -ne 0 ]; then exit \"$drvkite_ephemera_status\"; fi\n",
     );
     for set in sets {
         let flags = key_flags(set);
@@ -127,22 +127,17 @@ pub fn step_commands_with(program: &str, sets: &[EphemeraSet]) -> Result<(String
     Ok((restore, persist))
 }
 
-/// A whole step command: the restore lines, the script, the persist lines.
+/// A whole step command, ready for a pipeline file: the restore lines,
+/// the script (shell text, as it should run), the persist lines, written
+/// for `buildkite-agent pipeline upload`.
 pub fn wrap_script(sets: &[EphemeraSet], script: &str) -> Result<String> {
     let (restore, persist) = step_commands(sets)?;
-    if sets.is_empty() {
-        return Ok(script.to_string());
-    }
-    Ok(format!(
-        "{restore}{}\n{persist}",
-        script.trim_end_matches('\n')
-    ))
-}
-
-/// Single-quote for bash, then double every `$` for Buildkite's
-/// interpolation (which ignores shell quoting).
-pub fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''")).replace('$', "$$")
+    let command = if sets.is_empty() {
+        script.to_string()
+    } else {
+        format!("{restore}{}\n{persist}", script.trim_end_matches('\n'))
+    };
+    Ok(text::exact_owned(command)?)
 }
 
 #[cfg(test)]
@@ -160,25 +155,24 @@ mod tests {
     }
 
     #[test]
-    fn values_are_quoted_and_dollars_doubled() {
-        assert_eq!(quote("a b"), "'a b'");
-        assert_eq!(quote("it's"), r"'it'\''s'");
-        assert_eq!(quote("$HOME"), "'$$HOME'");
+    fn values_are_quoted() {
         let mut s = set("cargo", &["~/.cargo/registry", "target"]);
         s.key_files = vec!["Cargo.lock".into()];
         s.salt = "v$1".into();
         let (restore, persist) = step_commands(&[s]).unwrap();
         assert_eq!(
             restore,
-            "drvkite ephemera restore --key-file='Cargo.lock' --salt='v$$1' -- 'cargo'\n"
+            "drvkite ephemera restore --key-file='Cargo.lock' --salt='v$1' -- 'cargo'\n"
         );
-        assert!(persist.starts_with("drvkite_ephemera_status=$$?\n"));
+        assert!(persist.starts_with("drvkite_ephemera_status=$?\n"));
         assert!(persist.ends_with(
-            "drvkite ephemera persist --key-file='Cargo.lock' --salt='v$$1' -- 'cargo' \
+            "drvkite ephemera persist --key-file='Cargo.lock' --salt='v$1' -- 'cargo' \
              '~/.cargo/registry' 'target'\n"
         ));
-        // No single `$` survives: Buildkite would interpolate it.
-        assert!(!persist.replace("$$", "").contains('$'));
+        // The whole command is written for the upload.
+        let command = wrap_script(&[set("c", &["a\\$b"])], "echo $x").unwrap();
+        assert!(command.contains("echo $$x\n"), "{command}");
+        assert!(command.contains("'a\\''$$b'"), "{command}");
     }
 
     #[test]

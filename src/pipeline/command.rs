@@ -1,33 +1,10 @@
-//! Shell commands for generated steps. Everything drvkite puts into a
-//! command is quoted for bash and escaped for `buildkite-agent pipeline
-//! upload`, which would otherwise interpolate `$VAR` at upload time.
+//! Shell commands for generated steps. Every value drvkite puts into a
+//! command is one bash word (see [`super::text::push_shell_word`]); the
+//! command as a whole goes through [`super::text::exact`] on its way into
+//! a step.
 
+use super::text::push_shell_word as push_quoted;
 use crate::types::{AttrPath, DrvPath};
-
-/// Quote a string as one bash word.
-pub fn sh_quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    push_quoted(&mut out, s);
-    out
-}
-
-/// Append `s` quoted as one bash word.
-fn push_quoted(out: &mut String, s: &str) {
-    out.push('\'');
-    for (i, part) in s.split('\'').enumerate() {
-        if i > 0 {
-            out.push_str(r"'\''");
-        }
-        out.push_str(part);
-    }
-    out.push('\'');
-}
-
-/// Escape text for Buildkite's upload-time interpolation: `$$` is a
-/// literal `$`.
-pub fn escape_interpolation(s: &str) -> String {
-    s.replace('$', "$$")
-}
 
 /// The expression the fallback builds: the attribute path arrives as JSON
 /// through --argstr, so no attribute name is ever spliced into Nix or shell
@@ -56,8 +33,8 @@ pub enum Fallback<'a> {
 /// agent did not run the evaluation) does it fall back to `nix-build` of
 /// the attribute path from the checkout.
 ///
-/// The result is plain shell; pass it through [`escape_interpolation`]
-/// before it goes into a pipeline.
+/// The result is plain shell; pass it through [`super::text::exact`]
+/// before it goes into a step.
 pub fn build_command(
     drv: &DrvPath,
     outputs: &[String],
@@ -123,12 +100,6 @@ pub fn build_command_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quotes_single_quotes() {
-        assert_eq!(sh_quote("it's"), r"'it'\''s'");
-        assert_eq!(escape_interpolation("a$b$$"), "a$$b$$$$");
-    }
 
     #[test]
     fn single_output_command_matches_tvl_shape() {

@@ -8,7 +8,8 @@ use anyhow::{Result, bail};
 use serde_json::{Map, Value, json};
 use sha1::{Digest, Sha1};
 
-use super::command::{Fallback, build_command, build_command_with, escape_interpolation, sh_quote};
+use super::command::{Fallback, build_command, build_command_with};
+use super::text;
 use super::{ParentStep, Settings};
 use crate::ephemera::steps::{EphemeraSet, step_commands_with};
 use crate::eval::{RawExtraStep, Target};
@@ -59,8 +60,8 @@ pub struct ExtraStep {
 
 /// How generated steps call drvkite for ephemera: `$DRVKITE` when the
 /// agent sets it (e.g. `nix run …#drvkite --`, hence unquoted), else from
-/// PATH. Written with `$$` as Buildkite's interpolation needs.
-const DRVKITE_ON_AGENT: &str = "$${DRVKITE:-drvkite}";
+/// PATH.
+const DRVKITE_ON_AGENT: &str = "${DRVKITE:-drvkite}";
 
 fn context(name: &str, label: &str, parent: &Target) -> String {
     let shown = if label.is_empty() { name } else { label };
@@ -181,7 +182,7 @@ pub fn validate(raw: &RawExtraStep, parent: &Target, settings: &Settings) -> Res
             "{ctx}: 'prompt' cannot be used in the build phase: CI builds must not wait for a human; move the step to another phase (e.g. phase = \"release\")"
         );
     }
-    let branches = match v.get("branches") {
+    let branches: Option<Vec<String>> = match v.get("branches") {
         None | Some(Value::Null) => None,
         Some(Value::Array(a))
             if a.iter().all(|b| {
@@ -209,7 +210,7 @@ pub fn validate(raw: &RawExtraStep, parent: &Target, settings: &Settings) -> Res
     };
     let skip = match v.get("skip") {
         None | Some(Value::Null) => json!(false),
-        Some(Value::String(r)) if r.chars().count() > MAX_SKIP_REASON => bail!(
+        Some(Value::String(r)) if text::display_form(r).chars().count() > MAX_SKIP_REASON => bail!(
             "{ctx}: the 'skip' reason is longer than Buildkite's limit of {MAX_SKIP_REASON} characters: shorten it"
         ),
         Some(s @ (Value::Bool(_) | Value::String(_))) => s.clone(),
@@ -227,6 +228,15 @@ pub fn validate(raw: &RawExtraStep, parent: &Target, settings: &Settings) -> Res
             describe(other)
         ),
     };
+    // Branch patterns and agent tags are data: exact, or refused.
+    for pattern in branches.iter().flatten() {
+        text::exact(pattern)
+            .map_err(|e| anyhow::anyhow!("{ctx}: 'branches' cannot be uploaded: {e}"))?;
+    }
+    if let Some(a) = &agents {
+        text::exact_value(a)
+            .map_err(|e| anyhow::anyhow!("{ctx}: 'agents' cannot be uploaded: {e}"))?;
+    }
     let parent_override = match &raw.parent_override {
         None => None,
         Some(p) => match (&p.drv_path, &p.not_a_function, &p.not_a_derivation) {
@@ -303,16 +313,18 @@ pub fn out_links(step: &ExtraStep, parent: &Target) -> Vec<String> {
     links
 }
 
-/// The step's command, escaped for Buildkite: build the parent first when
-/// asked, then build the command script (lazily: only now, on the agent)
-/// and run it, between restoring and persisting its ephemera sets.
+/// The step's command, as the shell should see it: build the parent first
+/// when asked, then build the command script (lazily: only now, on the
+/// agent) and run it, between restoring and persisting its ephemera sets.
 fn step_command(step: &ExtraStep, parent: &Target, settings: &Settings) -> Result<String> {
-    let mut lines = vec!["set -ueo pipefail".to_owned()];
+    let mut c = String::from("set -ueo pipefail\n");
     if step.needs_output {
-        lines.push(format!(
-            "echo {}",
-            sh_quote(&format!("~~~ Preparing build output of {}", parent.label))
-        ));
+        c.push_str("echo ");
+        text::push_shell_word(
+            &mut c,
+            &format!("~~~ Preparing build output of {}", parent.label),
+        );
+        c.push('\n');
         let (drv, fallback) = match &step.parent_override {
             None => (&parent.drv_path, Fallback::Attr(&parent.attr_path)),
             Some(d) => (
@@ -327,10 +339,10 @@ fn step_command(step: &ExtraStep, parent: &Target, settings: &Settings) -> Resul
             build_command_with(drv, &parent.outputs, fallback, &settings.out_link("result"));
         // Scripts get the parent's output path without relying on ./result
         // (which is elsewhere when a GC root folder is configured).
-        lines.push(format!("DRVKITE_PARENT_OUTPUT=\"$({build})\""));
-        lines.push("export DRVKITE_PARENT_OUTPUT".to_owned());
+        c.push_str(&format!("DRVKITE_PARENT_OUTPUT=\"$({build})\"\n"));
+        c.push_str("export DRVKITE_PARENT_OUTPUT\n");
     }
-    lines.push("echo '--- Building extra step script'".to_owned());
+    c.push_str("echo '--- Building extra step script'\n");
     let attr = parent
         .attr_path
         .join(["meta", "ci", "extraSteps", step.name.as_str(), "command"]);
@@ -340,23 +352,19 @@ fn step_command(step: &ExtraStep, parent: &Target, settings: &Settings) -> Resul
         &attr,
         &settings.out_link(SCRIPT_LINK),
     );
-    lines.push(format!("command_script=\"$({build})\""));
+    c.push_str(&format!("command_script=\"$({build})\"\n"));
     if step.ephemera.is_empty() {
-        lines.push("echo '+++ Running extra step script'".to_owned());
-        lines.push("exec \"$command_script\"".to_owned());
-        return Ok(escape_interpolation(&(lines.join("\n") + "\n")));
+        c.push_str("echo '+++ Running extra step script'\nexec \"$command_script\"\n");
+        return Ok(c);
     }
     // No exec: the persist lines must run after the script. Under `set -e`
     // a failing script ends the job before them, so nothing is persisted.
     let (restore, persist) = step_commands_with(DRVKITE_ON_AGENT, &step.ephemera)?;
-    lines.push("echo '--- Restoring ephemera'".to_owned());
-    let mut command = escape_interpolation(&(lines.join("\n") + "\n"));
-    command.push_str(&restore);
-    command.push_str(&escape_interpolation(
-        "echo '+++ Running extra step script'\n\"$command_script\"\n",
-    ));
-    command.push_str(&persist);
-    Ok(command)
+    c.push_str("echo '--- Restoring ephemera'\n");
+    c.push_str(&restore);
+    c.push_str("echo '+++ Running extra step script'\n\"$command_script\"\n");
+    c.push_str(&persist);
+    Ok(c)
 }
 
 /// The step's skip: `alwaysRun` wins, then its own `skip`, then the
@@ -368,6 +376,14 @@ fn effective_skip(step: &ExtraStep, parent_step: &ParentStep) -> Value {
         step.skip.clone()
     } else {
         parent_step.skip.clone()
+    }
+}
+
+/// A skip reason is display text; `true` and `false` stay as they are.
+fn display_skip(skip: &Value) -> Value {
+    match skip {
+        Value::String(reason) => Value::String(text::display(reason)),
+        other => other.clone(),
     }
 }
 
@@ -399,11 +415,12 @@ pub fn render(
             } else {
                 Vec::new()
             };
+        let skip = display_skip(&skip);
         let mut s = Map::new();
         s.insert("key".into(), json!(key));
         s.insert(
             "label".into(),
-            json!(escape_interpolation(&format!(
+            json!(text::display(&format!(
                 ":gear: {} (from {})",
                 step.label, parent.label
             ))),
@@ -412,32 +429,36 @@ pub fn render(
         s.insert("depends_on".into(), json!(depends_on));
         s.insert(
             "command".into(),
-            json!(step_command(&step, parent, settings)?),
+            json!(text::exact_owned(step_command(&step, parent, settings)?)?),
         );
-        s.insert("soft_fail".into(), step.soft_fail.clone());
+        s.insert("soft_fail".into(), text::exact_value(&step.soft_fail)?);
         for (k, v) in &settings.default_step_overrides {
             s.insert(k.clone(), v.clone());
         }
         if let Some(a) = &step.agents {
-            s.insert("agents".into(), a.clone());
+            s.insert("agents".into(), text::exact_value(a)?);
         }
-        if let Some(b) = &step.branches {
-            s.insert("branches".into(), json!(b.join(" ")));
+        let branches = match &step.branches {
+            Some(b) => Some(text::exact(&b.join(" "))?),
+            None => None,
+        };
+        if let Some(b) = &branches {
+            s.insert("branches".into(), json!(b));
         }
         let value = match &step.prompt {
             None => Value::Object(s),
             Some(prompt) => {
                 let depends = s.remove("depends_on").unwrap_or(json!([]));
                 let block = json!({
-                    "prompt": escape_interpolation(prompt),
-                    "branches": step.branches.as_ref().map_or(json!([]), |b| json!(b.join(" "))),
-                    "block": escape_interpolation(&format!(":radio_button: Run {}? (from {})", step.label, parent.label)),
+                    "prompt": text::display(prompt),
+                    "branches": branches.map_or(json!([]), Value::String),
+                    "block": text::display(&format!(":radio_button: Run {}? (from {})", step.label, parent.label)),
                 });
                 // The group honours the step's own skip and alwaysRun (TVL
                 // used the parent's skip only). It carries no branches:
                 // Buildkite refuses them on groups.
                 json!({
-                    "group": escape_interpolation(&step.label),
+                    "group": text::display(&step.label),
                     "depends_on": depends,
                     "skip": skip,
                     "steps": [block, Value::Object(s)],

@@ -5,6 +5,7 @@ pub mod checkout;
 pub mod command;
 pub mod extra;
 pub mod settings;
+pub mod text;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -14,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::drvmap::DrvMap;
-use crate::eval::{BrokenTarget, Evaluation, Target};
+use crate::eval::{BrokenKind, BrokenTarget, Evaluation, Target};
 use crate::graph::DrvGraph;
 use crate::types::{DrvPath, Label, StepKey};
 pub use settings::Settings;
@@ -205,7 +206,11 @@ fn merge(base: &mut Map<String, Value>, over: &Map<String, Value>) {
     }
 }
 
-fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<String, Value> {
+fn build_step(
+    unit: &BuildUnit,
+    deps: &[DrvPath],
+    settings: &Settings,
+) -> Result<Map<String, Value>> {
     let t = unit.target;
     let label_text = unit
         .labels
@@ -213,13 +218,22 @@ fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<St
         .map(Label::as_str)
         .collect::<Vec<_>>()
         .join(", ");
-    let mut depends_on = vec![settings.bootstrap_key.clone()];
-    depends_on.extend(deps.iter().map(|d| d.step_key().into_string()));
+    let mut depends_on = vec![Value::String(text::exact(&settings.bootstrap_key)?)];
+    depends_on.extend(
+        deps.iter()
+            .map(|d| Value::String(d.step_key().into_string())),
+    );
     for extra in &t.extra_deps {
         let dep = match extra {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
+        let dep = Value::String(text::exact(&dep).with_context(|| {
+            format!(
+                "{}: meta.ci.buildkiteExtraDeps names a step key that cannot be uploaded",
+                t.label
+            )
+        })?);
         if !depends_on.contains(&dep) {
             depends_on.push(dep);
         }
@@ -235,9 +249,7 @@ fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<St
     let mut step = Map::new();
     step.insert(
         "label".into(),
-        Value::String(command::escape_interpolation(&format!(
-            ":nix: {label_text}"
-        ))),
+        Value::String(text::display(&format!(":nix: {label_text}"))),
     );
     step.insert(
         "key".into(),
@@ -251,22 +263,20 @@ fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<St
             json!(false)
         },
     );
-    step.insert(
-        "command".into(),
-        Value::String(command::escape_interpolation(&command)),
+    step.insert("command".into(), Value::String(text::exact_owned(command)?));
+    // A label no step can carry exactly never gets here
+    // (`set_aside_unuploadable`).
+    let mut env = Map::new();
+    env.insert(
+        "READTREE_TARGET".into(),
+        Value::String(text::exact(t.label.as_str())?),
     );
-    step.insert(
-        "env".into(),
-        json!({ "READTREE_TARGET": command::escape_interpolation(t.label.as_str()) }),
-    );
+    step.insert("env".into(), Value::Object(env));
     step.insert(
         "cancel_on_build_failing".into(),
         json!(settings.cancel_on_build_failing),
     );
-    step.insert(
-        "depends_on".into(),
-        Value::Array(depends_on.into_iter().map(Value::String).collect()),
-    );
+    step.insert("depends_on".into(), Value::Array(depends_on));
     merge(&mut step, &settings.default_step_overrides);
     if let Some(secs) = t.timeout {
         // Round up and never 0: TVL's integer division turned 90 s into 1
@@ -277,7 +287,28 @@ fn build_step(unit: &BuildUnit, deps: &[DrvPath], settings: &Settings) -> Map<St
     if let Some(args) = &t.extra_step_args {
         merge(&mut step, args);
     }
-    step
+    Ok(step)
+}
+
+/// Move the targets whose label no step can carry exactly (see [`text`])
+/// to the broken ones: each gets a failing step naming it, rather than a
+/// step whose `READTREE_TARGET` would name something else. They are left
+/// out of `drvmap.json` like any broken target.
+pub fn set_aside_unuploadable(eval: &mut Evaluation) {
+    let uploadable = |t: &Target| text::exact(t.label.as_str()).is_ok();
+    if eval.targets.iter().all(uploadable) {
+        return;
+    }
+    let (keep, refuse): (Vec<Target>, Vec<Target>) = std::mem::take(&mut eval.targets)
+        .into_iter()
+        .partition(uploadable);
+    eval.targets = keep;
+    eval.broken.extend(refuse.into_iter().map(|t| BrokenTarget {
+        error: "its label has a backslash directly before `$`, which `buildkite-agent pipeline upload` reads as an escaped `$`, so no step can set READTREE_TARGET to it: rename the folder or attribute".to_owned(),
+        label: t.label,
+        attr_path: t.attr_path,
+        kind: BrokenKind::Unuploadable,
+    }));
 }
 
 /// The key of a broken target's failing step: stable across builds, unique
@@ -291,35 +322,53 @@ pub fn broken_step_key(label: &Label) -> StepKey {
     ))
 }
 
-/// The step standing in for a target that failed to evaluate: it prints
-/// Nix's error and fails, so the build fails while every healthy target
-/// is still built.
-fn broken_step(b: &BrokenTarget, settings: &Settings) -> Map<String, Value> {
+/// The step standing in for a target that failed to evaluate (or cannot
+/// be uploaded): it prints why and fails, so the build fails while every
+/// healthy target is still built.
+fn broken_step(b: &BrokenTarget, settings: &Settings) -> Result<Map<String, Value>> {
+    let what = broken_what(b.kind);
+    let hint = match b.kind {
+        BrokenKind::Evaluation => {
+            "drvkite generated neither its build step nor its extra steps: fix the error above (nix-instantiate on the target shows it in full)"
+        }
+        BrokenKind::Unuploadable => {
+            "drvkite generated neither its build step nor its extra steps: fix the error above"
+        }
+    };
     let lines = [
-        format!("{} failed to evaluate:", b.label),
+        format!("{} {what}:", b.label),
         format!("  {}", b.error),
-        "drvkite generated neither its build step nor its extra steps: fix the error above (nix-instantiate on the target shows it in full)".to_owned(),
+        hint.to_owned(),
     ];
-    let quoted: Vec<String> = lines.iter().map(|l| command::sh_quote(l)).collect();
-    let script = format!("printf '%s\\n' {} >&2; exit 1", quoted.join(" "));
+    let mut script = String::from("printf '%s\\n'");
+    for line in &lines {
+        script.push(' ');
+        text::push_shell_word(&mut script, line);
+    }
+    script.push_str(" >&2; exit 1");
     // Options such as `agents` apply; what makes it this step does not change.
     let mut step = settings.default_step_overrides.clone();
     step.insert(
         "label".into(),
-        json!(command::escape_interpolation(&format!(
-            ":x: {} failed to evaluate",
-            b.label
-        ))),
+        json!(text::display(&format!(":x: {} {what}", b.label))),
     );
     step.insert("key".into(), json!(broken_step_key(&b.label)));
+    step.insert("command".into(), json!(text::exact_owned(script)?));
     step.insert(
-        "command".into(),
-        json!(command::escape_interpolation(&script)),
+        "depends_on".into(),
+        json!([text::exact(&settings.bootstrap_key)?]),
     );
-    step.insert("depends_on".into(), json!([settings.bootstrap_key]));
     step.remove("skip");
     step.remove("soft_fail");
-    step
+    Ok(step)
+}
+
+/// How a broken target's step and warnings say what happened.
+pub fn broken_what(kind: BrokenKind) -> &'static str {
+    match kind {
+        BrokenKind::Evaluation => "failed to evaluate",
+        BrokenKind::Unuploadable => "cannot be uploaded",
+    }
 }
 
 /// One unit's build step (when the build phase is on) and extra steps.
@@ -334,8 +383,9 @@ fn render_unit(
     let t = unit.target;
     let build = build_enabled.then(|| {
         let d = deps.get(&t.drv_path).map(Vec::as_slice).unwrap_or(&[]);
-        Value::Object(build_step(unit, d, settings))
+        build_step(unit, d, settings).map(Value::Object)
     });
+    let build = build.transpose()?;
     let mut extras = Vec::new();
     for member in &unit.members {
         let parent_step = ParentStep {
@@ -454,7 +504,8 @@ pub fn generate_with(
             .broken
             .iter()
             .filter(|b| seen.insert(&b.label))
-            .map(|b| Value::Object(broken_step(b, settings)));
+            .map(|b| broken_step(b, settings).map(Value::Object))
+            .collect::<Result<Vec<_>>>()?;
         list.splice(0..0, steps);
     }
     if let Some(list) = phase_steps.get_mut("build") {
@@ -680,7 +731,7 @@ pub fn write_with(
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
     let write_chunks = |part: &[(String, ChunkFile)]| -> Result<()> {
         part.iter()
-            .try_for_each(|(name, file)| staged.write(name, &serde_json::to_vec(file)?))
+            .try_for_each(|(name, file)| staged.write(name, &text::to_vec(file)?))
     };
     std::thread::scope(|scope| -> Result<()> {
         let per_thread = chunk_files.len().div_ceil(threads).max(1);

@@ -4,6 +4,7 @@
 
 pub mod ephemera;
 pub mod schema;
+pub mod upload;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -173,23 +174,36 @@ pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
-/// What `buildkite-agent pipeline upload` does to a generated string:
-/// `$$` becomes `$` (drvkite escapes every literal `$` that way).
-pub fn uninterpolate(s: &str) -> String {
-    s.replace("$$", "$")
-}
-
-/// Run a generated step command the way an agent would: through bash, in
-/// the checkout, after upload-time interpolation.
+/// Run a step command as uploaded (see [`phases`]) the way an agent does:
+/// through bash, in the checkout.
 pub fn run_step(dir: &Path, command: &str, env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new("bash");
-    cmd.arg("-c").arg(uninterpolate(command)).current_dir(dir);
+    cmd.arg("-c").arg(command).current_dir(dir);
     // No binary cache is reachable here: do not wait on it.
     cmd.env("NIX_CONFIG", "substituters =");
+    // What a pull request's author controls: nothing may run it.
+    cmd.env("BUILDKITE_MESSAGE", "x'; touch PWNED; echo '");
+    cmd.env("BUILDKITE_BRANCH", "$(touch PWNED)");
     for (k, v) in env {
         cmd.env(k, v);
     }
     cmd.output().expect("spawn bash")
+}
+
+/// `drvkite pipeline` on a depot into its `pipeline` folder, whatever
+/// the outcome: (folder, output).
+pub fn run_pipeline(depot: &Depot, extra_args: &[&str]) -> (PathBuf, Output) {
+    let out = depot.out("pipeline");
+    let res = drvkite()
+        .arg("pipeline")
+        .arg("--depot")
+        .arg(&depot.root)
+        .arg("--out")
+        .arg(&out)
+        .args(extra_args)
+        .output()
+        .expect("spawn drvkite");
+    (out, res)
 }
 
 /// `drvkite pipeline` on a depot; returns the output folder.
@@ -205,7 +219,8 @@ pub fn pipeline(depot: &Depot, extra_args: &[&str]) -> PathBuf {
     out
 }
 
-/// Every step of every chunk, per phase, in manifest order.
+/// Every step of every chunk, per phase, in manifest order, as
+/// `buildkite-agent pipeline upload` hands them on (see [`upload`]).
 pub fn phases(out: &Path) -> Vec<(String, Vec<serde_json::Value>)> {
     let manifest = read_json(&out.join("manifest.json"));
     manifest["phases"]
@@ -218,7 +233,7 @@ pub fn phases(out: &Path) -> Vec<(String, Vec<serde_json::Value>)> {
                 .unwrap()
                 .iter()
                 .flat_map(|c| {
-                    read_json(&out.join(c.as_str().unwrap()))["steps"]
+                    upload::upload_file(&out.join(c.as_str().unwrap()))["steps"]
                         .as_array()
                         .unwrap()
                         .clone()
@@ -233,13 +248,7 @@ pub fn phases(out: &Path) -> Vec<(String, Vec<serde_json::Value>)> {
 pub fn build_step<'a>(steps: &'a [serde_json::Value], label: &str) -> &'a serde_json::Value {
     steps
         .iter()
-        .find(|s| {
-            s["env"]["READTREE_TARGET"]
-                .as_str()
-                .map(uninterpolate)
-                .as_deref()
-                == Some(label)
-        })
+        .find(|s| s["env"]["READTREE_TARGET"].as_str() == Some(label))
         .unwrap_or_else(|| panic!("no build step for {label}"))
 }
 

@@ -164,7 +164,8 @@ pub fn check_keys(chunks: &[Value], bootstrap: &str) {
     }
 }
 
-/// Read a pipeline folder through its manifest: every chunk is checked
+/// Read a pipeline folder through its manifest, each chunk as the agent
+/// uploads it ([`super::upload::upload_file`]): every chunk is checked
 /// with [`validate_pipeline`] and all of them with [`check_keys`].
 /// Returns (phase, chunk) pairs.
 pub fn read_pipeline(dir: &Path) -> Vec<(String, Value)> {
@@ -172,7 +173,7 @@ pub fn read_pipeline(dir: &Path) -> Vec<(String, Value)> {
     let mut chunks = Vec::new();
     for phase in manifest["phases"].as_array().expect("phases") {
         for name in phase["chunks"].as_array().expect("chunks") {
-            let chunk = super::read_json(&dir.join(name.as_str().unwrap()));
+            let chunk = super::upload::upload_file(&dir.join(name.as_str().unwrap()));
             validate_pipeline(&chunk);
             chunks.push((phase["name"].as_str().unwrap().to_owned(), chunk));
         }
