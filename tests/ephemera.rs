@@ -963,8 +963,10 @@ fn s3_store_round_trip_on_loopback() {
     assert_eq!(restore_target(&world.job(Build::Pr(6), &[])), None);
 
     let listed = b.ok(&["list"]);
-    assert_eq!(listed.lines().count(), 1, "{listed}");
+    let entries: Vec<&str> = listed.lines().filter(|l| l.starts_with("acme/")).collect();
+    assert_eq!(entries.len(), 1, "{listed}");
     assert!(listed.starts_with("acme/depot/pr/5  cargo"), "{listed}");
+    assert!(listed.contains("\n  cargo: exact (entry "), "{listed}");
 
     b.ok(&["invalidate", "cargo"]);
     assert_eq!(restore_target(&world.job(Build::Pr(5), &[])), None);

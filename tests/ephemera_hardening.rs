@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::ephemera::scenarios;
 use common::ephemera::*;
 use common::fails;
 use tar::EntryType;
@@ -655,35 +656,6 @@ fn trailing_slashes_do_not_follow_links(world: &World) {
         );
     }
     assert!(world.manifests().is_empty());
-}
-
-macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {
-        mod local {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(&super::World::local());
-                }
-            )*
-        }
-
-        /// Every scenario again, each on its own bucket of one moto, side
-        /// by side.
-        #[test]
-        fn on_s3() {
-            let Some(moto) = start_moto() else { return };
-            let moto = &moto;
-            std::thread::scope(|s| {
-                $(
-                    std::thread::Builder::new()
-                        .name(stringify!($name).into())
-                        .spawn_scoped(s, move || $name(&World::s3(moto, stringify!($name))))
-                        .unwrap();
-                )*
-            });
-        }
-    };
 }
 
 scenarios!(

@@ -133,8 +133,27 @@ impl Anchors {
     }
 
     /// Resolve a `persist` argument: `~`/`~/…`, absolute, or relative to
-    /// the working directory. `None` when it does not exist.
+    /// the working directory. `None` when it does not exist. Refuses what
+    /// may not be persisted (credential stores, forbidden places…).
     pub fn resolve(&self, arg: &str) -> Result<Option<(SavedPath, PathBuf)>> {
+        let Some((saved, real)) = self.locate(arg)? else {
+            return Ok(None);
+        };
+        if let Some(tool) = credential_store(&saved.path) {
+            bail!(
+                "{arg} is or lies in a credential store ({tool}): ephemera never persists \
+                 credentials"
+            );
+        }
+        self.check_config_folder(&saved)?;
+        self.forbidden.check(&real, arg)?;
+        Ok(Some((saved, real)))
+    }
+
+    /// Where a `persist` argument is, relative to its anchor, and its real
+    /// path; `None` when it does not exist. Refuses links and places
+    /// outside the anchors, nothing else (for exclude rules).
+    pub fn locate(&self, arg: &str) -> Result<Option<(SavedPath, PathBuf)>> {
         let path = self.place(arg)?;
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
@@ -188,14 +207,6 @@ impl Anchors {
             path: rel.to_string(),
         };
         check_plain(&saved.path)?;
-        if let Some(tool) = credential_store(&saved.path) {
-            bail!(
-                "{arg} is or lies in a credential store ({tool}): ephemera never persists \
-                 credentials"
-            );
-        }
-        self.check_config_folder(&saved)?;
-        self.forbidden.check(&real, arg)?;
         Ok(Some((saved, real)))
     }
 

@@ -53,6 +53,11 @@ pub struct Options {
     /// inside them are left out all the same.
     #[arg(long, env = "DRVKITE_EPHEMERA_ALLOW_CONFIG_FOLDERS", value_parser = FalseyValueParser::new(), global = true)]
     pub allow_config_folders: bool,
+    /// When no entry has the current key, restore the newest entry of the
+    /// set under any key (same scopes, same order); `show` and `list` say
+    /// what a restore would then do.
+    #[arg(long, env = "DRVKITE_EPHEMERA_FALLBACK", value_parser = FalseyValueParser::new(), global = true)]
+    pub fallback: bool,
     /// Largest compressed entry to write or restore (e.g. 4GiB, 500MB).
     #[arg(long, env = "DRVKITE_EPHEMERA_MAX_ENTRY_SIZE", default_value = "4GiB", value_parser = parse_size, global = true)]
     pub max_entry_size: u64,
@@ -122,6 +127,9 @@ pub enum EphemeraCommand {
         /// (context drvkite-ephemera).
         #[arg(long, env = "DRVKITE_EPHEMERA_ANNOTATE", value_parser = FalseyValueParser::new())]
         annotate: bool,
+        /// Write `exact`, `fallback` or `miss` to this file (replacing it).
+        #[arg(long, value_name = "FILE")]
+        status_file: Option<PathBuf>,
     },
     /// List the entries of this pipeline (of the whole store outside
     /// Buildkite).
@@ -188,7 +196,16 @@ pub async fn run(args: EphemeraArgs) -> Result<ExitCode> {
             key,
             require,
             annotate,
-        } => restore::restore(&ctx, &name, &key, require, annotate).await,
+            status_file,
+        } => {
+            let wanted = restore::Wanted {
+                require,
+                annotate,
+                fallback: ctx.options.fallback,
+                status_file,
+            };
+            restore::restore(&ctx, &name, &key, &wanted).await
+        }
         EphemeraCommand::List { json } => report::list(&ctx, json).await,
         EphemeraCommand::Show { name, key, json } => report::show(&ctx, &name, &key, json).await,
         EphemeraCommand::Invalidate { name, key } => report::invalidate(&ctx, &name, key).await,

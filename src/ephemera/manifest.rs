@@ -40,6 +40,9 @@ pub struct Manifest {
     pub unpacked_size: u64,
     pub entries: u64,
     pub paths: Vec<SavedPath>,
+    /// The rules that picked the files in `paths`, when not just the paths.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<String>,
     pub created_at: String,
     pub created_by: CreatedBy,
 }

@@ -29,6 +29,7 @@ mod persist;
 pub mod places;
 mod report;
 mod restore;
+pub mod rules;
 pub mod scope;
 pub mod steps;
 pub mod store;

@@ -4,15 +4,18 @@
 //! keeping the scope under its cap from [`super::evict`].
 
 use std::io::BufWriter;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
 use anyhow::{Context, Result, bail};
 
+use super::anchor::{Anchors, SavedPath};
 use super::archive::{self, Source};
 use super::cli::KeyArgs;
 use super::manifest::{self, Manifest};
 use super::restore::touch;
+use super::rules::{self, Rule, Selection};
 use super::scope::Scope;
 use super::store::{Hashing, Scoped};
 use super::{Ctx, check_name, env, evict::make_room, format_size, show_paths};
@@ -40,44 +43,47 @@ pub(super) async fn persist(
     let (cwd, anchors) = ctx.anchors()?;
     let inputs = key.inputs(name, &cwd)?;
     let key = inputs.key();
+    let rules = paths
+        .iter()
+        .map(|p| rules::parse(p))
+        .collect::<Result<Vec<_>>>()
+        .with_context(|| format!("ephemera set {name}"))?;
     // A restore of this set interrupted mid-swap would make a path look
     // missing: put it back first.
-    let places: Vec<_> = paths.iter().filter_map(|a| anchors.place(a).ok()).collect();
+    let places: Vec<_> = rules
+        .iter()
+        .filter(|r| !r.exclude)
+        .filter_map(|r| anchors.place(&r.fixed).ok())
+        .collect();
     for back in archive::recover(&places) {
         eprintln!(
             "ephemera: {name}: put {} back as an interrupted restore left it",
             back.display()
         );
     }
-    let mut sources: Vec<Source> = Vec::new();
-    for arg in paths {
-        match anchors.resolve(arg)? {
-            Some((saved, real)) => {
-                if let Some(other) = sources
-                    .iter()
-                    .find(|s| s.real.starts_with(&real) || real.starts_with(&s.real))
-                {
-                    bail!(
-                        "{arg} and {} overlap: give each path of ephemera set {name} once",
-                        other.saved
-                    );
-                }
-                sources.push(Source { saved, real });
-            }
-            None => eprintln!("ephemera: {name}: {arg} does not exist, leaving it out"),
-        }
-    }
+    let (sources, placed) = sources_of(name, &rules, &anchors)?;
     if sources.is_empty() {
         eprintln!("ephemera: {name}: nothing to persist");
         return Ok(ExitCode::SUCCESS);
     }
+    let recorded: Vec<String> = if rules::all_plain(&rules) {
+        Vec::new()
+    } else {
+        rules.iter().map(|r| r.text.clone()).collect()
+    };
+    let mut selection = if rules::all_plain(&rules) {
+        None
+    } else {
+        Some(Selection::new(rules, &placed)?)
+    };
 
     let tmp = tempfile::NamedTempFile::new().context("cannot create a temporary file")?;
     let mut writer = Hashing::new(
         BufWriter::new(tmp.reopen().context("cannot open the temporary file")?),
         ctx.options.max_entry_size,
     );
-    let created = archive::create(&sources, &mut writer, &ctx.limits()).map(|(s, _)| s);
+    let created =
+        archive::create(&sources, selection.as_mut(), &mut writer, &ctx.limits()).map(|(s, _)| s);
     if writer.exceeded {
         bail!(
             "ephemera set {name} is bigger than --max-entry-size ({}) compressed: raise the cap \
@@ -92,6 +98,19 @@ pub(super) async fn persist(
         .and_then(|f| f.sync_all())
         .context("cannot write the archive")?;
     report_left_out(name, &summary.skipped);
+    if let Some(sel) = &selection
+        && let Some(rule) = sel
+            .rules
+            .iter()
+            .zip(&sel.matched)
+            .find_map(|(r, n)| (r.must_match && *n == 0).then_some(r))
+    {
+        bail!(
+            "ephemera set {name}: rule {} matched no file, folder or link, and `=` requires \
+             one: nothing was persisted",
+            rule.text
+        );
+    }
 
     let prefix = scope.prefix();
     let job = Scoped::new(&ctx.store, prefix.clone());
@@ -129,6 +148,7 @@ pub(super) async fn persist(
         unpacked_size: summary.unpacked,
         entries: summary.entries,
         paths: sources.iter().map(|s| s.saved.clone()).collect(),
+        rules: recorded,
         created_at: manifest::now_rfc3339(now),
         created_by: manifest::CreatedBy::from_env(env),
     };
@@ -170,4 +190,71 @@ fn report_left_out(name: &str, skipped: &[String]) {
             skipped.len() - SHOWN
         );
     }
+}
+
+/// The folders a set's rules select from (nested ones merged into the
+/// outermost), and where each rule's fixed folder is (`None`: missing).
+fn sources_of(
+    name: &str,
+    rules: &[Rule],
+    anchors: &Anchors,
+) -> Result<(Vec<Source>, Vec<Option<SavedPath>>)> {
+    let mut found: Vec<(Source, &Rule)> = Vec::new();
+    let mut placed = Vec::new();
+    for rule in rules {
+        // Excludes only need placing: they never add anything.
+        let at = if rule.exclude {
+            anchors.locate(&rule.fixed)?
+        } else {
+            anchors.resolve(&rule.fixed)?
+        };
+        placed.push(at.as_ref().map(|(saved, _)| saved.clone()));
+        let Some((saved, real)) = at else {
+            if rule.must_match {
+                bail!(
+                    "ephemera set {name}: rule {} matches nothing ({} does not exist), and `=` \
+                     requires a match: nothing was persisted",
+                    rule.text,
+                    rule.fixed
+                );
+            }
+            if !rule.exclude {
+                eprintln!(
+                    "ephemera: {name}: {} does not exist, leaving it out",
+                    rule.text
+                );
+            }
+            continue;
+        };
+        if rule.exclude {
+            continue;
+        }
+        if let Some((other, _)) = found.iter().find(|(s, r)| {
+            r.glob.is_none()
+                && rule.glob.is_none()
+                && (s.real.starts_with(&real) || real.starts_with(&s.real))
+        }) {
+            bail!(
+                "{} and {} overlap: give each path of ephemera set {name} once",
+                rule.text,
+                other.saved
+            );
+        }
+        found.push((Source { saved, real }, rule));
+    }
+    // A rule's fixed folder inside another's is archived with it; the
+    // others keep the order they were given in.
+    let reals: Vec<PathBuf> = found.iter().map(|(s, _)| s.real.clone()).collect();
+    let sources = found
+        .into_iter()
+        .enumerate()
+        .filter(|(i, (s, _))| {
+            !reals
+                .iter()
+                .enumerate()
+                .any(|(j, r)| j != *i && s.real.starts_with(r) && (s.real != *r || j < *i))
+        })
+        .map(|(_, (s, _))| s)
+        .collect();
+    Ok((sources, placed))
 }

@@ -4,17 +4,17 @@
 //! and in [`super::archive`]. A job writes only into its own scope: use
 //! marks and quarantine tombstones of other scopes are never written.
 
-use std::io::BufWriter;
-use std::path::PathBuf;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use super::anchor::{self, Anchors};
 use super::archive;
 use super::cli::KeyArgs;
-use super::manifest::{self, Entry, Tombstone};
+use super::manifest::{self, Entry, ScopeIndex, Tombstone};
 use super::scope::Scope;
 use super::store::{Hashing, Scoped};
 use super::{Ctx, check_name, env, format_size, show_paths};
@@ -49,18 +49,73 @@ enum Refusal {
     Fatal(anyhow::Error),
 }
 
+/// How a restore went, as `--status-file` and scripts see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// An entry with the current key.
+    Exact,
+    /// The newest entry of the set under another key (`--fallback`).
+    Fallback,
+    Miss,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Exact => "exact",
+            Status::Fallback => "fallback",
+            Status::Miss => "miss",
+        }
+    }
+}
+
+/// The entries a restore tries, in order: those with the current `key`,
+/// scope by scope; then, with `fallback`, the newest of the set under any
+/// other key, in the same scopes and order. Never anything else.
+pub(super) fn candidates<'a, 'k>(
+    indexes: &'k [&'a ScopeIndex],
+    name: &'k str,
+    key: &'k str,
+    fallback: bool,
+) -> impl Iterator<Item = (&'a Entry, Status)> + 'k {
+    let of_set = move |index: &&'a ScopeIndex, exact: bool| {
+        let index: &'a ScopeIndex = index;
+        index.entries.iter().filter(move |e| {
+            !e.tombstoned && e.manifest.name == name && (e.manifest.key == key) == exact
+        })
+    };
+    let exact = indexes
+        .iter()
+        .flat_map(move |i| of_set(i, true))
+        .map(|e| (e, Status::Exact));
+    let others = indexes
+        .iter()
+        .filter(move |_| fallback)
+        .flat_map(move |i| of_set(i, false))
+        .map(|e| (e, Status::Fallback));
+    exact.chain(others)
+}
+
+/// What `restore` was asked besides the set and its key.
+pub(super) struct Wanted {
+    pub require: bool,
+    pub annotate: bool,
+    pub fallback: bool,
+    pub status_file: Option<PathBuf>,
+}
+
 pub(super) async fn restore(
     ctx: &Ctx,
     name: &str,
     key: &KeyArgs,
-    require: bool,
-    annotate: bool,
+    wanted: &Wanted,
 ) -> Result<ExitCode> {
     check_name(name)?;
     let job = Scope::from_env(env)?;
     let scopes = job.restore_scopes(ctx.policy);
     let miss = |why: String| -> Result<ExitCode> {
-        if require {
+        write_status(wanted.status_file.as_deref(), Status::Miss)?;
+        if wanted.require {
             bail!("ephemera: {name}: nothing restored and --require is set: {why}");
         }
         eprintln!("ephemera: {name}: nothing restored: {why}");
@@ -78,42 +133,70 @@ pub(super) async fn restore(
     let own = job
         .write_scope(ctx.policy)
         .map(|s| Scoped::new(&ctx.store, s.prefix()));
+    let mut indexes = Vec::new();
     for scope in &scopes {
-        let prefix = scope.prefix();
-        let index = manifest::load_scope(&ctx.store, &prefix, Some(name)).await?;
-        for entry in index.live(name, &key) {
-            match restore_entry(ctx, entry, &anchors).await {
-                Ok(line) => {
-                    println!("{line}");
-                    if annotate {
-                        append_annotation(&line);
-                    }
-                    if let Some(own) = &own {
-                        touch(own, entry).await;
-                    }
-                    return Ok(ExitCode::SUCCESS);
+        indexes.push(manifest::load_scope(&ctx.store, &scope.prefix(), Some(name)).await?);
+    }
+    let read: Vec<&ScopeIndex> = indexes.iter().collect();
+    for (entry, status) in candidates(&read, name, &key, wanted.fallback) {
+        match restore_entry(ctx, entry, &anchors, status, &key).await {
+            Ok(line) => {
+                write_status(wanted.status_file.as_deref(), status)?;
+                println!("{line}");
+                if wanted.annotate {
+                    append_annotation(&line);
                 }
-                Err(Refusal::Fatal(e)) => return Err(e),
-                Err(Refusal::Skip { reason, integrity }) => {
-                    eprintln!(
-                        "ephemera: warning: {name}: entry {} in scope {scope} refused: {reason:#}",
-                        entry.manifest.id
-                    );
-                    if let Some(own) = own.as_ref().filter(|_| integrity) {
-                        quarantine(own, entry).await;
-                    }
+                if let Some(own) = &own {
+                    touch(own, entry).await;
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(Refusal::Fatal(e)) => return Err(e),
+            Err(Refusal::Skip { reason, integrity }) => {
+                eprintln!(
+                    "ephemera: warning: {name}: entry {} in scope {} refused: {reason:#}",
+                    entry.manifest.id, entry.scope
+                );
+                if let Some(own) = own.as_ref().filter(|_| integrity) {
+                    quarantine(own, entry).await;
                 }
             }
         }
     }
     let searched: Vec<String> = scopes.iter().map(|s| s.prefix()).collect();
     miss(format!(
-        "no entry with key {key} in {}",
+        "no entry with key {key}{} in {}",
+        if wanted.fallback {
+            " nor any other key"
+        } else {
+            ""
+        },
         searched.join(", ")
     ))
 }
 
-async fn restore_entry(ctx: &Ctx, entry: &Entry, anchors: &Anchors) -> Result<String, Refusal> {
+/// Write `status` to `file` (if asked), whole or not at all.
+fn write_status(file: Option<&Path>, status: Status) -> Result<()> {
+    let Some(file) = file else { return Ok(()) };
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write the status file {}", file.display()))?;
+    writeln!(tmp, "{}", status.as_str())?;
+    tmp.persist(file)
+        .with_context(|| format!("cannot write the status file {}", file.display()))?;
+    Ok(())
+}
+
+async fn restore_entry(
+    ctx: &Ctx,
+    entry: &Entry,
+    anchors: &Anchors,
+    status: Status,
+    current_key: &str,
+) -> Result<String, Refusal> {
     let skip = |reason: anyhow::Error, integrity: bool| Refusal::Skip { reason, integrity };
     let m = &entry.manifest;
     if m.size > ctx.options.max_entry_size {
@@ -215,9 +298,13 @@ async fn restore_entry(ctx: &Ctx, entry: &Entry, anchors: &Anchors) -> Result<St
         eprintln!("ephemera: {}: left out {what}", m.name);
     }
     staged.swap().map_err(Refusal::Fatal)?;
+    let how = match status {
+        Status::Fallback => format!("fallback: no entry has the current key {current_key}"),
+        _ => status.as_str().to_string(),
+    };
     Ok(format!(
-        "ephemera: restored {} scope={} key={} sha256={} size={} paths={} created by {} at {} \
-         location={}",
+        "ephemera: restored {} ({how}) scope={} key={} sha256={} size={} paths={} created by {} \
+         at {} location={}",
         m.name,
         entry.scope,
         m.key,

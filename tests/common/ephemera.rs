@@ -668,3 +668,43 @@ pub fn run_measured(cmd: &mut Command) -> (Output, u64) {
     assert!(peak > 0, "could not read {status_file}");
     (output, peak)
 }
+
+/// One `#[test]` per scenario on a local store (module `local`), and one
+/// test running every scenario again side by side, each on its own bucket
+/// of one moto (`on_s3`).
+#[allow(unused_macros)]
+macro_rules! scenarios {
+    ($($name:ident),* $(,)?) => {
+        mod local {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(&$crate::common::ephemera::World::local());
+                }
+            )*
+        }
+
+        /// Every scenario again, each on its own bucket of one moto, side
+        /// by side.
+        #[test]
+        fn on_s3() {
+            let Some(moto) = $crate::common::ephemera::start_moto() else {
+                return;
+            };
+            let moto = &moto;
+            std::thread::scope(|s| {
+                $(
+                    std::thread::Builder::new()
+                        .name(stringify!($name).into())
+                        .spawn_scoped(s, move || {
+                            $name(&$crate::common::ephemera::World::s3(moto, stringify!($name)))
+                        })
+                        .unwrap();
+                )*
+            });
+        }
+    };
+}
+
+#[allow(unused_imports)]
+pub(crate) use scenarios;

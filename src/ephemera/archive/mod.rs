@@ -11,26 +11,18 @@
 //! nothing is kept per member but symbolic links ([`links`], on a budget),
 //! and names, depth and sizes are capped.
 
+mod create;
 mod extract;
 mod guard;
 mod links;
 
-use std::collections::HashMap;
-use std::ffi::OsStr;
-use std::fs::{self, File};
-use std::io::{self, Read, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::time::UNIX_EPOCH;
+use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
-use tar::EntryType;
+use anyhow::{Result, bail};
 
 use super::anchor::SavedPath;
-use super::credentials::credential_store;
-use links::LinkTree;
 
+pub use create::create;
 pub use extract::{Staged, extract, recover};
 
 /// Caps checked while archiving and while extracting.
@@ -67,217 +59,6 @@ pub struct Summary {
     pub entries: u64,
     /// Paths left out, with the reason (shown to the user).
     pub skipped: Vec<String>,
-}
-
-/// Archive `sources` into `out` (tar + zstd).
-pub fn create<W: Write>(sources: &[Source], out: W, limits: &Limits) -> Result<(Summary, W)> {
-    let encoder = zstd::Encoder::new(out, ZSTD_LEVEL).context("cannot start zstd")?;
-    let mut builder = tar::Builder::new(encoder);
-    let mut summary = Summary::default();
-    for (index, source) in sources.iter().enumerate() {
-        let links = links_to_keep(source, &mut summary)?;
-        let mut walk = walkdir::WalkDir::new(&source.real)
-            .follow_links(false)
-            .sort_by_file_name()
-            .into_iter();
-        while let Some(entry) = walk.next() {
-            let entry = entry.with_context(|| format!("cannot read {}", source.saved))?;
-            let rel = entry
-                .path()
-                .strip_prefix(&source.real)
-                .expect("walkdir stays below its root");
-            let shown = shown_path(&source.saved, rel);
-            let is_dir = entry.file_type().is_dir();
-            let member = Path::new(&index.to_string()).join(rel);
-            let why = if let Some(tool) = credential_store(&shown) {
-                Some(format!("credentials of {tool}"))
-            } else if !restorable(&member) {
-                Some("too long a name or too deep to restore".to_string())
-            } else {
-                None
-            };
-            if let Some(why) = why {
-                summary.skipped.push(format!("{shown} ({why})"));
-                if is_dir {
-                    walk.skip_current_dir();
-                }
-                continue;
-            }
-            let meta = entry
-                .metadata()
-                .with_context(|| format!("cannot read {shown}"))?;
-            let mut header = tar::Header::new_gnu();
-            // Only files keep their time (build tools compare those); folders
-            // and links get 0, so persisting a restored tree is byte-identical.
-            header.set_mtime(if entry.file_type().is_file() {
-                mtime_secs(&meta)
-            } else {
-                0
-            });
-            header.set_uid(0);
-            header.set_gid(0);
-            header.set_size(0);
-            let ft = entry.file_type();
-            let appended = if ft.is_dir() {
-                header.set_entry_type(EntryType::Directory);
-                header.set_mode(0o755);
-                builder.append_data(&mut header, &member, io::empty())
-            } else if ft.is_file() {
-                summary.unpacked += meta.len();
-                if summary.unpacked > limits.max_unpacked {
-                    bail!(
-                        "the files to persist are bigger than the unpacked size cap ({}): raise \
-                         --max-unpacked-size or persist less",
-                        super::format_size(limits.max_unpacked)
-                    );
-                }
-                append_file(&mut builder, &mut header, &member, entry.path(), &shown)
-            } else if ft.is_symlink() {
-                let Some(target) = links.get(rel) else {
-                    continue;
-                };
-                header.set_entry_type(EntryType::Symlink);
-                header.set_mode(0o777);
-                builder.append_link(&mut header, &member, OsStr::from_bytes(target))
-            } else {
-                summary
-                    .skipped
-                    .push(format!("{shown} (not a file, folder or link)"));
-                continue;
-            };
-            appended.with_context(|| format!("cannot archive {shown}"))?;
-            summary.entries += 1;
-            if summary.entries > limits.max_entries {
-                bail!(
-                    "more than {} files to persist: persist less",
-                    limits.max_entries
-                );
-            }
-        }
-    }
-    let encoder = builder.into_inner().context("cannot finish the archive")?;
-    let out = encoder.finish().context("cannot finish the archive")?;
-    Ok((summary, out))
-}
-
-/// Would a restore accept this member name?
-fn restorable(member: &Path) -> bool {
-    let bytes = member.as_os_str().as_bytes();
-    bytes.len() <= MAX_PATH
-        && member.components().count() <= MAX_DEPTH + 1
-        && member
-            .components()
-            .all(|c| c.as_os_str().len() <= MAX_COMPONENT)
-}
-
-fn shown_path(saved: &SavedPath, rel: &Path) -> String {
-    if rel.as_os_str().is_empty() {
-        saved.to_string()
-    } else {
-        format!("{saved}/{}", rel.to_string_lossy())
-    }
-}
-
-fn mtime_secs(meta: &fs::Metadata) -> u64 {
-    meta.modified()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs())
-}
-
-fn append_file<W: Write>(
-    builder: &mut tar::Builder<W>,
-    header: &mut tar::Header,
-    member: &Path,
-    path: &Path,
-    shown: &str,
-) -> io::Result<()> {
-    let file = File::open(path)?;
-    let meta = file.metadata()?;
-    let len = meta.len();
-    header.set_entry_type(EntryType::Regular);
-    header.set_mode(if meta.permissions().mode() & 0o111 != 0 {
-        0o755
-    } else {
-        0o644
-    });
-    header.set_size(len);
-    let mut reader = Exact {
-        inner: (&file).take(len),
-        remaining: len,
-    };
-    builder.append_data(header, member, &mut reader)?;
-    if file.metadata()?.len() != len {
-        return Err(io::Error::other(format!(
-            "{shown} changed size while it was archived: persist it when nothing writes to it"
-        )));
-    }
-    Ok(())
-}
-
-/// Reads exactly `remaining` bytes, failing if the file shrank meanwhile
-/// (a short member would corrupt the archive).
-struct Exact<R> {
-    inner: R,
-    remaining: u64,
-}
-
-impl<R: Read> Read for Exact<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if n == 0 && self.remaining > 0 && !buf.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "file shrank while it was archived",
-            ));
-        }
-        self.remaining -= n as u64;
-        Ok(n)
-    }
-}
-
-/// The symbolic links below `source` that may be archived: those whose
-/// target, followed through the other kept links, stays inside `source`.
-fn links_to_keep(source: &Source, summary: &mut Summary) -> Result<HashMap<PathBuf, Vec<u8>>> {
-    let mut links = HashMap::new();
-    for entry in walkdir::WalkDir::new(&source.real).follow_links(false) {
-        let entry = entry.with_context(|| format!("cannot read {}", source.saved))?;
-        if entry.file_type().is_symlink() {
-            let target = fs::read_link(entry.path())
-                .with_context(|| format!("cannot read the link {}", entry.path().display()))?;
-            let rel = entry.path().strip_prefix(&source.real).expect("below root");
-            links.insert(rel.to_path_buf(), target.as_os_str().as_bytes().to_vec());
-        }
-    }
-    // Dropping a link changes how others resolve: repeat until stable.
-    loop {
-        let mut tree = LinkTree::new(LINK_BUDGET);
-        let order: Vec<&PathBuf> = links.keys().collect();
-        for p in &order {
-            let parts: Vec<&[u8]> = p.components().map(|c| c.as_os_str().as_bytes()).collect();
-            if tree.add(0, &parts, &links[*p]).is_err() {
-                bail!(
-                    "{} has more symbolic links than a restore accepts: persist less",
-                    source.saved
-                );
-            }
-        }
-        let escaping: Vec<PathBuf> = tree
-            .escaping()
-            .into_iter()
-            .map(|i| order[i].clone())
-            .collect();
-        if escaping.is_empty() {
-            return Ok(links);
-        }
-        for p in escaping {
-            summary.skipped.push(format!(
-                "{} (a link pointing outside the persisted path)",
-                shown_path(&source.saved, &p)
-            ));
-            links.remove(&p);
-        }
-    }
 }
 
 /// At most 200 characters of a name from an archive, for messages.
