@@ -451,29 +451,46 @@ fn hostile_archives_restore_in_bounded_memory(world: &World) {
     }
 }
 
+const FILES: usize = 8;
+
+/// Persist a `target/` whose files all say `generation`, and some noise.
+fn persist_generation(
+    world: &World,
+    extra: &[(&str, &str)],
+    generation: &str,
+    seed: u64,
+) -> std::process::Output {
+    let job = world.job(Build::Pr(5), extra);
+    job.write("Cargo.lock", "lock v1\n");
+    for f in 0..FILES {
+        job.write(&format!("target/f{f}"), generation);
+    }
+    std::fs::write(job.ws.join("target/pad"), noise(8 << 10, seed)).unwrap();
+    job.run(&["persist", "cargo", "target", "--key-file", "Cargo.lock"])
+}
+
 fn concurrent_jobs_in_one_scope(world: &World) {
-    const FILES: usize = 8;
     // A few seconds, and a few runs of each kind however busy the machine.
     let until = Instant::now() + Duration::from_secs(4);
     let cap = [("DRVKITE_EPHEMERA_MAX_SCOPE_SIZE", "40KiB")];
     let runs = std::sync::atomic::AtomicUsize::new(0);
     let restored = std::sync::atomic::AtomicUsize::new(0);
+    let first = persist_generation(world, &[], "first", 0);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let template = manifest_in(world, "acme/depot/pr/5");
+    let count = if world.is_local() { 1000 } else { 50 };
     std::thread::scope(|s| {
+        for part in 0..2 {
+            let template = &template;
+            s.spawn(move || churn(world, template, part, count, until));
+        }
         for w in 0..2u64 {
             let (runs, cap) = (&runs, &cap);
             s.spawn(move || {
                 let mut n = 0u64;
                 while Instant::now() < until || n < 3 {
                     n += 1;
-                    let job = world.job(Build::Pr(5), cap);
-                    job.write("Cargo.lock", "lock v1\n");
-                    let generation = format!("writer {w} run {n}");
-                    for f in 0..FILES {
-                        job.write(&format!("target/f{f}"), &generation);
-                    }
-                    std::fs::write(job.ws.join("target/pad"), noise(8 << 10, w * 1000 + n))
-                        .unwrap();
-                    let out = job.run(&["persist", "cargo", "target", "--key-file", "Cargo.lock"]);
+                    let out = persist_generation(world, cap, &format!("{w} {n}"), w * 1000 + n);
                     assert!(out.status.success(), "persist: {}", stderr(&out));
                     runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -505,20 +522,51 @@ fn concurrent_jobs_in_one_scope(world: &World) {
                 }
             });
         }
-        let runs = &runs;
-        s.spawn(move || {
-            let mut n = 0;
-            while Instant::now() < until || n < 3 {
-                n += 1;
-                let age = if n % 2 == 0 { "0s" } else { "1s" };
-                let out = world.job(Build::Pr(5), &[]).run(&["gc", "--max-age", age]);
-                assert!(out.status.success(), "gc: {}", stderr(&out));
-                runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        });
+        // Admin gc, and jobs that only look: they list the most.
+        let looking: [&[&str]; 7] = [
+            &["gc", "--max-age", "0s"],
+            &["gc", "--max-age", "1s"],
+            &["list"],
+            &["list"],
+            &["list", "--json"],
+            &["show", "cargo"],
+            &["show", "cargo"],
+        ];
+        for args in looking {
+            let runs = &runs;
+            s.spawn(move || {
+                let mut n = 0;
+                while Instant::now() < until || n < 3 {
+                    n += 1;
+                    let out = world.job(Build::Pr(5), &[]).run(args);
+                    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+                    runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
     });
     let (runs, restored) = (runs.into_inner(), restored.into_inner());
     eprintln!("{runs} jobs, {restored} restores with a tree");
+}
+
+/// Keep writing `count` valid (old, so tried last) entries next to the
+/// manifest at `template` until `until`: objects appearing and, with gc
+/// running, vanishing while other jobs list the scope.
+fn churn(world: &World, template: &str, part: usize, count: usize, until: Instant) {
+    let m = world.manifest(template);
+    let (name, key) = (m["name"].as_str().unwrap(), m["key"].as_str().unwrap());
+    let mut round = 0u64;
+    while Instant::now() < until {
+        round += 1;
+        for i in 0..count {
+            let id = format!("{:020}-{round}", part * count + i + 1);
+            let mut copy = m.clone();
+            copy["id"] = id.clone().into();
+            let entry = format!("acme/depot/pr/5/entries/{name}/{key}/{id}.json");
+            world.put(&entry, &serde_json::to_vec(&copy).unwrap());
+            world.put(&format!("acme/depot/pr/5/used/{name}/{key}/{id}"), b"x");
+        }
+    }
 }
 
 fn odd_keys_do_not_break_listing(world: &World) {

@@ -106,6 +106,16 @@ impl LocalStore {
     /// concurrent gc or eviction) are simply not there; names that are not
     /// UTF-8 and folders that cannot be read are reported in `odd`.
     pub fn list(&self, prefix: &str, odd: &mut Vec<String>) -> Result<Vec<Listed>> {
+        self.list_with(prefix, odd, |e| e.metadata())
+    }
+
+    /// [`LocalStore::list`] reading each entry's metadata with `stat`.
+    fn list_with(
+        &self,
+        prefix: &str,
+        odd: &mut Vec<String>,
+        stat: impl Fn(&walkdir::DirEntry) -> walkdir::Result<fs::Metadata>,
+    ) -> Result<Vec<Listed>> {
         let dir = if prefix.is_empty() {
             self.root.clone()
         } else {
@@ -137,7 +147,7 @@ impl LocalStore {
                 odd.push(format!("{:?}", rel.to_string_lossy()));
                 continue;
             };
-            let meta = match entry.metadata() {
+            let meta = match stat(&entry) {
                 Ok(m) => m,
                 Err(e) if e.io_error().is_some_and(gone) => continue,
                 Err(e) => return Err(e.into()),
@@ -201,5 +211,27 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn objects_vanishing_while_listed_are_simply_not_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path()).unwrap();
+        for key in ["s/a", "s/b", "s/c"] {
+            store.put(key, b"x").unwrap();
+        }
+        // A concurrent gc removes b between reading the folder and looking
+        // at b.
+        let listed = store
+            .list_with("s", &mut Vec::new(), |e| {
+                if e.file_name() == "b" {
+                    fs::remove_file(e.path()).unwrap();
+                }
+                e.metadata()
+            })
+            .unwrap();
+        let mut keys: Vec<String> = listed.into_iter().map(|l| l.key).collect();
+        keys.sort();
+        assert_eq!(keys, ["s/a", "s/c"]);
     }
 }
