@@ -4,8 +4,9 @@
     bench/measure.py [--out FILE] -- COMMAND ARGS...
 
 Prints (or writes to FILE) one JSON object: {"wall": seconds, "cpu": user +
-system seconds of the tree, "rss_kb": kB, "status": exit status}. The command's stdout goes to /dev/null; its stderr
-is kept and printed when it fails.
+system seconds of the tree, "rss_kb": kB, "status": exit status,
+"stderr_tail": the last 2,000 bytes of stderr}. The command's stdout goes to
+/dev/null; its stderr is kept and printed when it fails.
 
 Peak RSS of the *tree*, sampled: every ~20 ms the helper walks the command's
 descendants through /proc/<pid>/task/<tid>/children and sums their VmRSS.
@@ -92,7 +93,14 @@ def main():
     # CPU time (user + system) of the whole tree: steadier than wall time
     # on a machine shared with other work.
     cpu = usage.ru_utime + usage.ru_stime
-    result = {"wall": round(wall, 3), "cpu": round(cpu, 3), "rss_kb": peak, "status": proc.returncode}
+    result = {
+        "wall": round(wall, 3),
+        "cpu": round(cpu, 3),
+        "rss_kb": peak,
+        "status": proc.returncode,
+        # The end of stderr, where drvkite prints its stage times.
+        "stderr_tail": stderr[-2000:].decode(errors="replace"),
+    }
     if proc.returncode != 0:
         sys.stderr.write(stderr.decode(errors="replace"))
     text = json.dumps(result)

@@ -7,6 +7,12 @@ For each size: generate a fresh synthetic depot (new salt, so no .drv of it
 is in the store yet), then measure the floor (bench/floor.nix) and
 `drvkite pipeline` on it, alternating, and print one Markdown table.
 
+With `--skip-cached` (bench.sh's default), a third command runs `drvkite
+pipeline --skip-cached` against a loopback HTTP binary cache that has every
+other target's outputs, with narinfos signed by Nix
+(bench/binary_cache.py); a line below the table gives the check's time
+beside the evaluation's, from drvkite's own stage times.
+
 Every command runs once as a warm-up (which also writes the depot's .drv
 files to the store, so each measured run sees the same warm store) and then
 N times measured (default 3); the table shows
@@ -15,8 +21,10 @@ system, whole process tree) and the peak RSS.
 """
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import platform
 import shutil
 import subprocess
@@ -25,12 +33,20 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import binary_cache  # noqa: E402
+
+SKIPPED = re.compile(r"(\d+) cached, ")
+STAGES = re.compile(
+    r"evaluation ([0-9.]+)s, .*binary cache check ([0-9.]+)s \(([0-9.]+)s after evaluation\)"
+)
 
 
-def measure(cmd):
+def measure(cmd, env=None):
     with tempfile.NamedTemporaryFile("r", suffix=".json") as f:
         res = subprocess.run(
-            [sys.executable, os.path.join(HERE, "measure.py"), "--out", f.name, "--"] + cmd
+            [sys.executable, os.path.join(HERE, "measure.py"), "--out", f.name, "--"] + cmd,
+            env=env,
         )
         if res.returncode != 0:
             sys.exit(f"bench: failed: {' '.join(cmd)}")
@@ -47,12 +63,18 @@ def main():
     ap.add_argument("--drvkite", required=True)
     ap.add_argument("--runs", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the generated depots")
+    ap.add_argument(
+        "--skip-cached",
+        action="store_true",
+        help="also measure --skip-cached against a loopback binary cache",
+    )
     ap.add_argument("sizes", type=int, nargs="+")
     args = ap.parse_args()
 
     workers = has_workers_flag(args.drvkite)
     work = tempfile.mkdtemp(prefix="drvkite-bench-")
     rows = []
+    checks = []
     try:
         for size in args.sizes:
             depot = os.path.join(work, f"depot-{size}")
@@ -81,16 +103,40 @@ def main():
             }
             if workers:
                 tools["drvkite --workers 2"] = tools["drvkite"] + ["--workers", "2"]
+            envs = {}
             runs = args.runs or 3
             best = {}
             for name, cmd in tools.items():
                 measure(cmd)  # warm-up
-            # Alternate the tools so drift on a shared machine hits all alike.
-            for _ in range(runs):
-                for name, cmd in tools.items():
-                    r = measure(cmd)
-                    if name not in best or r["wall"] < best[name]["wall"]:
-                        best[name] = r
+            with contextlib.ExitStack() as stack:
+                if args.skip_cached:
+                    # The warm-up wrote drvmap.json: the cache holds every
+                    # other target's outputs.
+                    cache, key, cached, total = binary_cache.make(
+                        os.path.join(work, f"cache-{size}"), os.path.join(out, "drvmap.json")
+                    )
+                    server = stack.enter_context(binary_cache.Server(cache))
+                    name = "drvkite --skip-cached"
+                    tools[name] = tools["drvkite"] + ["--skip-cached"]
+                    envs[name] = dict(
+                        os.environ,
+                        NIX_CONFIG=f"substituters = {server.url}\ntrusted-public-keys = {key}",
+                    )
+                    measure(tools[name], envs[name])  # warm-up
+                # Alternate the tools so drift on a shared machine hits all alike.
+                for _ in range(runs):
+                    for name, cmd in tools.items():
+                        r = measure(cmd, envs.get(name))
+                        if name not in best or r["wall"] < best[name]["wall"]:
+                            best[name] = r
+            if args.skip_cached:
+                tail = best["drvkite --skip-cached"]["stderr_tail"]
+                m, skipped = STAGES.search(tail), SKIPPED.search(tail)
+                if m and skipped:
+                    evaluation, check, after = (float(x) for x in m.groups())
+                    checks.append(
+                        (size, int(skipped.group(1)), cached, total, evaluation, check, after)
+                    )
             floor = best["floor"]
             for name in tools:
                 r = best[name]
@@ -121,6 +167,13 @@ def main():
         print(f"| {size} | {extra} | {name} | {wall:.2f} | {cpu:.2f} | {mb:.0f} | {wr:.2f} | {rr:.2f} |")
     if not workers:
         print("(drvkite has no --workers flag yet: that row is left out)")
+    for size, skipped, cached, total, evaluation, check, after in checks:
+        print(
+            f"--skip-cached at {size} targets: {skipped} skipped as cached "
+            f"({cached} of {total} derivations' outputs in the cache); "
+            f"check {check:.2f} s while evaluation took {evaluation:.2f} s; "
+            f"{after:.3f} s after it = {100 * after / evaluation:.1f}% of evaluation"
+        )
     print(f"machine: {machine()}")
 
 

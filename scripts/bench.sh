@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Benchmark drvkite against the floor (one bare nix-instantiate of every
 # target's and extra-step command's drvPath) on synthetic depots.
+# Also `drvkite pipeline --skip-cached` against a loopback binary cache.
 #
 #   scripts/bench.sh                 # 1000, 4000 and 16000 targets
 #   scripts/bench.sh 2000 8000       # other sizes (or BENCH_SIZES="2000 8000")
 #   scripts/bench.sh --smoke         # 50 targets, one run: checks the script works
 #
 # Builds drvkite with `cargo build --release` unless DRVKITE_BIN names a
-# binary. Needs nix-instantiate and python3 (stdlib only). Prints a Markdown
+# binary. Needs nix-instantiate, nix and python3 (stdlib only). Prints a Markdown
 # table; see docs/performance.md for how to read it.
 set -euo pipefail
 # DRVKITE_BIN may be relative to the caller's folder.
@@ -43,4 +44,4 @@ fi
 
 runs=()
 [ "$smoke" = 1 ] && runs=(--runs 1)
-exec python3 bench/run.py --drvkite "$bin" "${runs[@]}" "${sizes[@]}"
+exec python3 bench/run.py --drvkite "$bin" --skip-cached "${runs[@]}" "${sizes[@]}"

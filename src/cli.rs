@@ -52,7 +52,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Explain why a target changed since the parent map.
+    /// Explain why a target changed since the parent map, and whether a
+    /// binary cache has it (with --skip-cached or the depot's skipCached).
     Explain {
         /// The target's label, e.g. tools/foo or tools/foo:sub.
         label: String,
@@ -64,6 +65,11 @@ pub enum Command {
         /// How many levels of changed input derivations to follow.
         #[arg(long, default_value_t = 8)]
         depth: usize,
+        /// Attribute path of the depot's pipeline settings (dot-separated).
+        #[arg(long, env = "DRVKITE_SETTINGS_ATTR", default_value = "ci.drvkite")]
+        settings_attr: String,
+        #[command(flatten)]
+        cache: crate::substitute::CacheArgs,
     },
     /// Upload a phase's pipeline chunks with buildkite-agent, in the order
     /// Buildkite shows them, and the pipeline folder as artifacts.
@@ -144,6 +150,8 @@ pub struct PipelineArgs {
     /// Show evaluation progress on stderr even when it is not a terminal.
     #[arg(long, env = "DRVKITE_PROGRESS")]
     pub progress: bool,
+    #[command(flatten)]
+    pub cache: crate::substitute::CacheArgs,
 }
 
 fn parse_json_flag<T: serde::de::DeserializeOwned>(
@@ -174,6 +182,7 @@ impl PipelineArgs {
             chunk_size: self.chunk_size,
             bootstrap_key: self.bootstrap_key.clone(),
             out_link_dir: self.out_link_dir.clone(),
+            skip_cached: self.cache.skip_cached,
         })
     }
 }
@@ -200,12 +209,18 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     // Read the .drv files of the targets that may be built while Nix goes
     // on with the others.
     let prefetch = crate::graph::Prefetch::start();
+    // So are binary caches asked, when the flag says so.
+    let checker = args.cache.early_checker();
     let parent = Arc::new(parent);
     let hook: crate::eval::TargetHook = {
         let (parent, roots) = (Arc::clone(&parent), prefetch.sender());
+        let cache = checker.as_ref().map(crate::substitute::Checker::sender);
         Arc::new(move |t| {
             if !parent.unchanged(&t.label, &t.drv_path) {
                 let _ = roots.send(t.drv_path.clone());
+                if let Some(c) = &cache {
+                    let _ = c.send(t.drv_path.clone());
+                }
             }
         })
     };
@@ -245,6 +260,18 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
         (None, Some(p)) => format!("{p}"),
         (None, None) => "no parent map given: building every target".to_owned(),
     };
+    let cached = crate::substitute::finish(
+        checker,
+        settings.skip_cached,
+        &args.cache.options(),
+        eval.targets
+            .iter()
+            .filter(|t| !parent.unchanged(&t.label, &t.drv_path))
+            .map(|t| t.drv_path.clone()),
+    );
+    if let Some(w) = cached.as_ref().and_then(crate::substitute::Report::warning) {
+        eprintln!("drvkite: warning: {w}");
+    }
     // Asking git whether the out-links are ignored is mostly waiting for
     // git: done while the pipeline renders, and so is the derivation map.
     let (generated, checked) = std::thread::scope(|scope| {
@@ -253,7 +280,14 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
             let checked = checkout::ensure_ignored(&args.depot, &links, &settings);
             (checked, links, eval.drvmap().to_tvl_json())
         });
-        let generated = crate::pipeline::generate_with(&eval, &parent, &detail, &settings, graph);
+        let generated = crate::pipeline::generate_with(
+            &eval,
+            &parent,
+            &detail,
+            &settings,
+            graph,
+            cached.as_ref(),
+        );
         (generated, check.join())
     });
     let generated = generated?;
@@ -270,8 +304,13 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
         crate::pipeline::write_with(&generated, &drvmap_json, &args.out, settings.chunk_size)?;
     let writing = write_started.elapsed();
     let s = &generated.summary;
+    let cached_count = if cached.is_some() {
+        format!(", {} cached", s.cached.len())
+    } else {
+        String::new()
+    };
     eprintln!(
-        "wrote {}: {} chunk files; {} targets, {} changed, {} unchanged, {} extra steps, {} broken; evaluation {:.1}s",
+        "wrote {}: {} chunk files; {} targets, {} changed, {} unchanged{cached_count}, {} extra steps, {} broken; evaluation {:.1}s",
         args.out,
         files.len(),
         s.targets,
@@ -289,9 +328,26 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
             b.error
         );
     }
-    let rendering = generated_at - evaluated - rooting - generated.graph_duration;
+    // The cache check overlaps the evaluation: what counts is the wait
+    // after it.
+    let cache_wait = cached
+        .as_ref()
+        .and_then(|r| r.finished)
+        .map_or(std::time::Duration::ZERO, |f| {
+            f.saturating_duration_since(evaluated + rooting)
+        });
+    let rendering =
+        (generated_at - evaluated).saturating_sub(rooting + cache_wait + generated.graph_duration);
+    let cache_stage = match cached.as_ref().map(|r| r.summary()) {
+        Some(c) => format!(
+            ", binary cache check {:.2}s ({:.3}s after evaluation)",
+            c.seconds,
+            cache_wait.as_secs_f64()
+        ),
+        None => String::new(),
+    };
     eprintln!(
-        "drvkite: stage times: evaluation {:.2}s, GC roots {:.2}s, graph analysis {:.2}s, rendering {:.2}s, writing {:.2}s",
+        "drvkite: stage times: evaluation {:.2}s, GC roots {:.2}s{cache_stage}, graph analysis {:.2}s, rendering {:.2}s, writing {:.2}s",
         eval.duration.as_secs_f64(),
         rooting.as_secs_f64(),
         generated.graph_duration.as_secs_f64(),
@@ -352,22 +408,39 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             parent_map,
             depot,
             depth,
+            settings_attr,
+            cache,
         } => {
             let label = Label::new(label);
             let parent = DrvMap::load(&parent_map)?;
-            let evaluator = Evaluator::new(Nix::locate()?, &depot, default_settings_attr())?;
-            let new = evaluator.evaluate_one(&label).await?;
-            let Some(old) = parent.get(&label) else {
-                println!("{label} is new: {parent_map} has no entry for it");
-                return Ok(ExitCode::SUCCESS);
-            };
-            if old.drv_path == new.drv_path {
-                println!("{label} has not changed: {}", new.drv_path);
-                return Ok(ExitCode::SUCCESS);
+            let attr = settings_attr.split('.').map(str::to_owned).collect();
+            let evaluator = Evaluator::new(Nix::locate()?, &depot, attr)?;
+            let (new, depot_settings) = evaluator.evaluate_one_with_settings(&label).await?;
+            match parent.get(&label) {
+                None => println!("{label} is new: {parent_map} has no entry for it"),
+                Some(old) if old.drv_path == new.drv_path => {
+                    // Skipped as unchanged, whatever the caches hold.
+                    println!("{label} has not changed: {}", new.drv_path);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Some(old) => {
+                    println!("{label} changed: {} -> {}", old.drv_path, new.drv_path);
+                    let diffs = crate::explain::explain(&old.drv_path, &new.drv_path, depth)?;
+                    print!("{}", crate::explain::render(&diffs));
+                }
             }
-            println!("{label} changed: {} -> {}", old.drv_path, new.drv_path);
-            let diffs = crate::explain::explain(&old.drv_path, &new.drv_path, depth)?;
-            print!("{}", crate::explain::render(&diffs));
+            let depot_skip_cached = match &depot_settings {
+                Some(v) => Overrides::from_depot(v, &settings_attr)?.skip_cached,
+                None => None,
+            };
+            if cache.skip_cached.or(depot_skip_cached).unwrap_or(false) {
+                let (caches, checks, notes) =
+                    crate::substitute::explain(&cache.options(), &new.drv_path)?;
+                print!(
+                    "{}",
+                    crate::substitute::render_explain(&label, &caches, &checks, &notes)
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Upload(args) => {

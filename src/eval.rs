@@ -1010,6 +1010,14 @@ impl Evaluator {
 
     /// Evaluate the one target with this label.
     pub async fn evaluate_one(&self, label: &Label) -> Result<Target> {
+        Ok(self.evaluate_one_with_settings(label).await?.0)
+    }
+
+    /// [`Evaluator::evaluate_one`], and the depot's pipeline settings.
+    pub async fn evaluate_one_with_settings(
+        &self,
+        label: &Label,
+    ) -> Result<(Target, Option<serde_json::Value>)> {
         let req = Request {
             shard: (0, 1),
             only: Some(vec![label.clone()]),
@@ -1028,7 +1036,7 @@ impl Evaluator {
             ),
         };
         match raw.records.into_iter().next() {
-            Some(Record::Target(t)) => Ok(*t),
+            Some(Record::Target(t)) => Ok((*t, raw.settings)),
             Some(Record::Failed(_)) => bail!(
                 "evaluating {label} in depot {} failed without a message from Nix",
                 self.runner.depot

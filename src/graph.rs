@@ -8,7 +8,7 @@ use std::sync::mpsc::Sender;
 use anyhow::{Context, Result};
 use nix_derivation::Derivation;
 
-use crate::types::DrvPath;
+use crate::types::{DrvPath, StorePath};
 
 /// Read and parse one `.drv` file from the store.
 pub fn read_drv(path: &DrvPath) -> Result<Derivation> {
@@ -108,6 +108,43 @@ fn scan_input_drvs(bytes: &[u8]) -> Option<Vec<DrvPath>> {
     inputs.sort_unstable();
     inputs.dedup();
     Some(inputs)
+}
+
+/// The output paths of the `.drv` at `path`, by output name; `None` for
+/// an output whose path is not known before it is built (content-addressed
+/// derivations).
+pub fn read_outputs(path: &DrvPath) -> Result<Vec<(String, Option<StorePath>)>> {
+    let mut buf = Vec::new();
+    read_file(path.as_str(), &mut buf).with_context(|| not_in_store(path))?;
+    scan_outputs(&buf).with_context(|| format!("cannot parse {path}: not a derivation"))
+}
+
+/// The first list of a `Derive(...)` ATerm: `("name","path","algo","hash")`.
+fn scan_outputs(bytes: &[u8]) -> Option<Vec<(String, Option<StorePath>)>> {
+    let mut s = Scanner { bytes, pos: 0 };
+    s.eat(b"Derive([")?;
+    let mut outputs = Vec::new();
+    if s.try_eat(b"]") {
+        return Some(outputs);
+    }
+    loop {
+        s.eat(b"(")?;
+        let name = std::str::from_utf8(s.string()?).ok()?.to_owned();
+        s.eat(b",")?;
+        let path = std::str::from_utf8(s.string()?).ok()?;
+        // Anything but a plain store path (an empty one, an escape) is
+        // "not known": never a path to look up wrongly.
+        outputs.push((name, path.parse().ok()));
+        for _ in 0..2 {
+            s.eat(b",")?;
+            s.string()?;
+        }
+        s.eat(b")")?;
+        if s.try_eat(b"]") {
+            return Some(outputs);
+        }
+        s.eat(b",")?;
+    }
 }
 
 struct Scanner<'a> {
@@ -515,5 +552,26 @@ mod tests {
         ] {
             assert_eq!(scan_input_drvs(bad.as_bytes()), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn output_scan_gives_each_output_path() {
+        let drv = r#"Derive([("dev","/nix/store/1c8wvh3kw6ym5vzcq8jbkmd8w2w1b1bx-x-dev","",""),("out","","r:sha256","")],[],[],"x86_64-linux","/bin/sh",[],[])"#;
+        assert_eq!(
+            scan_outputs(drv.as_bytes()).unwrap(),
+            vec![
+                (
+                    "dev".to_owned(),
+                    Some(
+                        "/nix/store/1c8wvh3kw6ym5vzcq8jbkmd8w2w1b1bx-x-dev"
+                            .parse()
+                            .unwrap()
+                    )
+                ),
+                ("out".to_owned(), None),
+            ]
+        );
+        assert_eq!(scan_outputs(b"Derive([(\"out\",\"/nix"), None);
+        assert_eq!(scan_outputs(b"DrvWithVersion("), None);
     }
 }

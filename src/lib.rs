@@ -3,7 +3,8 @@
 //!
 //! The data path, one module per stage: [`eval`] (nix-instantiate) →
 //! [`drvmap`] (derivation map and diff) → [`graph`] (.drv analysis) →
-//! pipeline rendering. [`explain`] answers why a target changed.
+//! pipeline rendering, with [`substitute`] to skip what a binary cache has.
+//! [`explain`] answers why a target changed.
 
 pub mod atomic;
 pub mod buildkite;
@@ -14,4 +15,5 @@ pub mod eval;
 pub mod explain;
 pub mod graph;
 pub mod pipeline;
+pub mod substitute;
 pub mod types;

@@ -103,28 +103,68 @@ impl DrvPath {
     }
 }
 
+/// The part of `s` after the store directory, when `s` is a store path:
+/// 32 nixbase32 characters, `-`, and a name of Nix's allowed characters.
+fn store_basename(s: &str) -> Option<&str> {
+    let base = s.strip_prefix(STORE_DIR)?.strip_prefix('/')?;
+    let (hash, rest) = base.split_at_checked(32)?;
+    let name = rest.strip_prefix('-')?;
+    let valid = hash.bytes().all(is_nixbase32)
+        && !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b));
+    valid.then_some(base)
+}
+
 impl FromStr for DrvPath {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> anyhow::Result<Self> {
-        let base = s
-            .strip_prefix(STORE_DIR)
-            .and_then(|r| r.strip_prefix('/'))
-            .with_context(|| format!("{s:?} is not a path in {STORE_DIR}"))?;
-        let valid_name = |n: &str| {
-            !n.is_empty()
-                && n.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b))
-        };
-        match base.split_at_checked(32) {
-            Some((hash, rest))
-                if hash.bytes().all(is_nixbase32)
-                    && rest.starts_with('-')
-                    && rest.ends_with(".drv")
-                    && valid_name(&rest[1..rest.len() - 4]) => {}
+        if !s.starts_with(STORE_DIR) {
+            bail!("{s:?} is not a path in {STORE_DIR}");
+        }
+        match store_basename(s) {
+            Some(base) if base.len() > 33 + 4 && base.ends_with(".drv") => {}
             _ => bail!("{s:?} is not a store path of a .drv file"),
         }
         Ok(DrvPath(s.to_owned()))
+    }
+}
+
+/// Any store path, such as a derivation's output: `/nix/store/<32
+/// nixbase32 chars>-<name>`, validated on construction.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StorePath(String);
+
+impl StorePath {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `<hash>-<name>`, as narinfo files write references.
+    pub fn basename(&self) -> &str {
+        &self.0[STORE_DIR.len() + 1..]
+    }
+
+    /// The 32-character store hash, which names the path's narinfo.
+    pub fn hash(&self) -> &str {
+        &self.basename()[..32]
+    }
+}
+
+impl FromStr for StorePath {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        store_basename(s).with_context(|| format!("{s:?} is not a path in {STORE_DIR}"))?;
+        Ok(StorePath(s.to_owned()))
+    }
+}
+
+impl fmt::Display for StorePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -206,6 +246,25 @@ mod tests {
             "/nix/store/9knhsmy055kqkfcl5k0scg07ckny2maw-.drv",
         ] {
             assert!(bad.parse::<DrvPath>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn store_path_parts_and_bad_paths() {
+        let p: StorePath = "/nix/store/9knhsmy055kqkfcl5k0scg07ckny2maw-lib-a-doc"
+            .parse()
+            .unwrap();
+        assert_eq!(p.hash(), "9knhsmy055kqkfcl5k0scg07ckny2maw");
+        assert_eq!(p.basename(), "9knhsmy055kqkfcl5k0scg07ckny2maw-lib-a-doc");
+        for bad in [
+            "",
+            "/nix/store/9knhsmy055kqkfcl5k0scg07ckny2maw",
+            "/nix/store/9knhsmy055kqkfcl5k0scg07ckny2maw-",
+            "/nix/store/9knhsmy055kqkfcl5k0scg07ckny2mae-x",
+            "/nix/store/9knhsmy055kqkfcl5k0scg07ckny2maw-a/b",
+            "/nix/storeX9knhsmy055kqkfcl5k0scg07ckny2maw-x",
+        ] {
+            assert!(bad.parse::<StorePath>().is_err(), "{bad:?} accepted");
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The benchmark script (scripts/bench.sh) in its smoke mode, so it cannot
-//! rot: a 50-target synthetic depot, the floor and `drvkite pipeline` on it.
+//! rot: a 50-target synthetic depot, the floor and `drvkite pipeline` on it,
+//! with and without `--skip-cached` against a loopback binary cache.
 //! Only the table's shape is checked; timings are never asserted.
 
 mod common;
@@ -48,4 +49,22 @@ fn smoke_run_prints_floor_and_drvkite_rows_with_ratios() {
         }
     }
     assert!(out.contains("machine: "), "no machine line in:\n{out}");
+    // The binary cache check ran against the loopback cache, and found
+    // what the cache holds.
+    assert!(
+        commands.contains(&"drvkite --skip-cached"),
+        "no --skip-cached row in:\n{out}"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("--skip-cached at 50 targets: "))
+        .unwrap_or_else(|| panic!("no --skip-cached line in:\n{out}"));
+    let numbers: Vec<usize> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    // "at 50 targets: S skipped as cached (C of T derivations' ...": the
+    // cached derivations' targets, and nothing else, are skipped.
+    let (skipped, cached) = (numbers[1], numbers[2]);
+    assert!(cached > 0 && skipped >= cached, "{line}");
 }

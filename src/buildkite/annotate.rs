@@ -94,11 +94,24 @@ pub fn render(s: &Summary) -> String {
             "Each target that failed to evaluate has a failing :x: step instead of its build step; its extra steps were not generated.\n"
         );
     }
-    md.push_str("| targets | changed | unchanged | added | removed | extra steps | evaluation |\n");
-    md.push_str("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    // The cached column only when the check was on: without it, the
+    // table is what it always was.
+    let (cached_head, cached_cell) = match &s.cache_check {
+        Some(_) => (" cached |", format!(" {} |", s.cached.len())),
+        None => ("", String::new()),
+    };
     let _ = writeln!(
         md,
-        "| {} | {} | {} | {} | {} | {} | {:.1} s |\n",
+        "| targets | changed | unchanged |{cached_head} added | removed | extra steps | evaluation |"
+    );
+    md.push_str("| ---: | ---: | ---: |");
+    if s.cache_check.is_some() {
+        md.push_str(" ---: |");
+    }
+    md.push_str(" ---: | ---: | ---: | ---: |\n");
+    let _ = writeln!(
+        md,
+        "| {} | {} | {} |{cached_cell} {} | {} | {} | {:.1} s |\n",
         s.targets,
         s.changed.len(),
         s.unchanged,
@@ -116,6 +129,9 @@ pub fn render(s: &Summary) -> String {
         let _ = writeln!(md, "Steps: {}.\n", phases.join(", "));
     }
     let _ = writeln!(md, "Parent map: {}\n", parent_map_line(&s.parent_map));
+    if let Some(c) = &s.cache_check {
+        let _ = writeln!(md, "{}\n", cache_line(c));
+    }
 
     let added: BTreeSet<&str> = s.added.iter().map(|l| l.as_str()).collect();
     let rows: Vec<Vec<String>> = s
@@ -131,6 +147,17 @@ pub fn render(s: &Summary) -> String {
         })
         .collect();
     table(&mut md, "Changed targets", &["target", "change"], &rows);
+    let rows: Vec<Vec<String>> = s
+        .cached
+        .iter()
+        .map(|c| vec![escape(c.label.as_str()), escape(&c.cache)])
+        .collect();
+    table(
+        &mut md,
+        "Skipped as cached",
+        &["target", "binary cache"],
+        &rows,
+    );
     let rows: Vec<Vec<String>> = s.removed.iter().map(|l| vec![escape(l.as_str())]).collect();
     table(&mut md, "Removed targets", &["target"], &rows);
     let rows: Vec<Vec<String>> = s
@@ -197,6 +224,26 @@ fn parent_map_line(p: &ParentSummary) -> String {
         ParentStatus::None => format!("none{detail}: every target is built."),
         ParentStatus::Invalid => format!("**unusable**{detail}: every target is built."),
     }
+}
+
+fn cache_line(c: &crate::substitute::CheckSummary) -> String {
+    let caches = if c.caches.is_empty() {
+        "none to ask".to_owned()
+    } else {
+        c.caches
+            .iter()
+            .map(|n| escape(n))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut line = format!(
+        "Binary caches ({caches}): {} of {} derivations checked are cached, their steps skipped.",
+        c.cached, c.checked
+    );
+    if let Some(w) = &c.warning {
+        let _ = write!(line, " **Warning**: {}", escape(&shorten(w)));
+    }
+    line
 }
 
 /// Where the map came from, from the `.source.json` that `parent-map

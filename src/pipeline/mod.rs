@@ -144,6 +144,18 @@ pub struct Summary {
     pub steps: BTreeMap<String, usize>,
     pub evaluation_seconds: f64,
     pub parent_map: ParentSummary,
+    /// Targets skipped because a binary cache has them (`--skip-cached`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cached: Vec<CachedSummary>,
+    /// The binary cache check, when it was on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_check: Option<crate::substitute::CheckSummary>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CachedSummary {
+    pub label: Label,
+    pub cache: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -169,6 +181,24 @@ struct BuildUnit<'a> {
     members: Vec<&'a Target>,
     labels: Vec<Label>,
     skip: bool,
+    /// Not unchanged, but a binary cache (named) has its outputs.
+    cached: Option<&'a str>,
+}
+
+impl BuildUnit<'_> {
+    fn skipped(&self) -> bool {
+        self.skip || self.cached.is_some()
+    }
+
+    /// The build step's `skip` (a reason as text, not yet written for
+    /// the upload), which its extra steps follow.
+    fn skip_value(&self) -> Value {
+        match self.cached {
+            _ if self.skip => json!(UNCHANGED),
+            Some(cache) => Value::String(crate::substitute::skip_reason(cache)),
+            None => json!(false),
+        }
+    }
 }
 
 fn group_by_drv<'a>(targets: &'a [Target], parent: &ParentMap) -> Vec<BuildUnit<'a>> {
@@ -193,6 +223,7 @@ fn group_by_drv<'a>(targets: &'a [Target], parent: &ParentMap) -> Vec<BuildUnit<
                     members: vec![t],
                     labels: vec![t.label.clone()],
                     skip: unchanged,
+                    cached: None,
                 });
             }
         }
@@ -255,14 +286,11 @@ fn build_step(
         "key".into(),
         Value::String(t.drv_path.step_key().into_string()),
     );
-    step.insert(
-        "skip".into(),
-        if unit.skip {
-            json!(UNCHANGED)
-        } else {
-            json!(false)
-        },
-    );
+    let skip = match unit.skip_value() {
+        Value::String(reason) => Value::String(text::display(&reason)),
+        other => other,
+    };
+    step.insert("skip".into(), skip);
     step.insert("command".into(), Value::String(text::exact_owned(command)?));
     // A label no step can carry exactly never gets here
     // (`set_aside_unuploadable`).
@@ -391,11 +419,7 @@ fn render_unit(
         let parent_step = ParentStep {
             key: t.drv_path.step_key(),
             label: member.label.clone(),
-            skip: if unit.skip {
-                json!(UNCHANGED)
-            } else {
-                json!(false)
-            },
+            skip: unit.skip_value(),
         };
         extras.extend(extra::render(member, &parent_step, settings)?);
     }
@@ -435,27 +459,42 @@ pub fn generate(
     parent_detail: &str,
     settings: &Settings,
 ) -> Result<Pipeline> {
-    generate_with(eval, parent, parent_detail, settings, DrvGraph::default())
+    generate_with(
+        eval,
+        parent,
+        parent_detail,
+        settings,
+        DrvGraph::default(),
+        None,
+    )
 }
 
-/// [`generate`], with part of the derivation graph read already.
+/// [`generate`], with part of the derivation graph read already, and
+/// what the binary caches have when `--skip-cached` is on.
 pub fn generate_with(
     eval: &Evaluation,
     parent: &ParentMap,
     parent_detail: &str,
     settings: &Settings,
     graph: DrvGraph,
+    cached: Option<&crate::substitute::Report>,
 ) -> Result<Pipeline> {
     settings.validate()?;
     let enabled = settings.enabled_phases();
     let build_enabled = settings.build_enabled();
-    let units = group_by_drv(&eval.targets, parent);
+    let mut units = group_by_drv(&eval.targets, parent);
+    if let Some(report) = cached {
+        for u in units.iter_mut().filter(|u| !u.skip) {
+            u.cached = report.cache_of(&u.target.drv_path);
+        }
+    }
 
     // Dependencies between changed targets: only those are "known", so an
-    // unchanged (skipped) target is looked through, like any derivation.
+    // unchanged or cached (skipped) target is looked through, like any
+    // derivation.
     let changed: HashSet<DrvPath> = units
         .iter()
-        .filter(|u| !u.skip)
+        .filter(|u| !u.skipped())
         .map(|u| u.target.drv_path.clone())
         .collect();
     let graph_started = std::time::Instant::now();
@@ -519,7 +558,8 @@ pub fn generate_with(
         .map(|p| (p.to_string(), phase_steps.remove(p).unwrap_or_default()))
         .collect();
 
-    let summary = summarise(eval, parent, parent_detail, &units, extra_count, &phases);
+    let mut summary = summarise(eval, parent, parent_detail, &units, extra_count, &phases);
+    summary.cache_check = cached.map(crate::substitute::Report::summary);
     Ok(Pipeline {
         phases,
         summary,
@@ -537,9 +577,12 @@ fn summarise(
 ) -> Summary {
     let mut changed = BTreeSet::new();
     let mut unchanged = 0;
+    let mut cached = BTreeMap::new();
     for u in units {
         if u.skip {
             unchanged += u.labels.len();
+        } else if let Some(cache) = u.cached {
+            cached.extend(u.labels.iter().map(|l| (l.clone(), cache)));
         } else {
             changed.extend(u.labels.iter().cloned());
         }
@@ -585,6 +628,14 @@ fn summarise(
             detail: parent_detail.to_owned(),
             source: parent.source.clone(),
         },
+        cached: cached
+            .into_iter()
+            .map(|(label, cache)| CachedSummary {
+                label,
+                cache: cache.to_owned(),
+            })
+            .collect(),
+        cache_check: None,
     }
 }
 

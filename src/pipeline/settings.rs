@@ -24,6 +24,8 @@ pub struct Settings {
     /// `None`: the checkout root, with TVL's names. Relative paths are taken
     /// from the depot root, where steps run.
     pub out_link_dir: Option<String>,
+    /// Skip targets whose outputs a binary cache has (`--skip-cached`).
+    pub skip_cached: bool,
 }
 
 impl Default for Settings {
@@ -38,6 +40,7 @@ impl Default for Settings {
             chunk_size: DEFAULT_CHUNK_SIZE,
             bootstrap_key: ":init:".into(),
             out_link_dir: None,
+            skip_cached: false,
         }
     }
 }
@@ -56,6 +59,7 @@ pub struct Overrides {
     pub chunk_size: Option<usize>,
     pub bootstrap_key: Option<String>,
     pub out_link_dir: Option<String>,
+    pub skip_cached: Option<bool>,
 }
 
 impl Overrides {
@@ -97,6 +101,9 @@ impl Settings {
         }
         if let Some(v) = o.out_link_dir {
             self.out_link_dir = Some(v);
+        }
+        if let Some(v) = o.skip_cached {
+            self.skip_cached = v;
         }
         self
     }
@@ -189,6 +196,15 @@ mod tests {
         assert_eq!(s.phases, ["build", "release", "deploy"]);
         assert_eq!(s.active_phases, s.phases);
         s.validate().unwrap();
+        // A flag can turn off what the depot turns on.
+        let depot =
+            Overrides::from_depot(&serde_json::json!({"skipCached": true}), "ci.drvkite").unwrap();
+        assert!(Settings::default().apply(depot.clone()).skip_cached);
+        let off = Overrides {
+            skip_cached: Some(false),
+            ..Default::default()
+        };
+        assert!(!Settings::default().apply(depot).apply(off).skip_cached);
     }
 
     #[test]
