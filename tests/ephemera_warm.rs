@@ -242,6 +242,10 @@ fn fallback_restores_an_older_key_within_the_same_scopes(world: &World) {
     let by_env = world.job(Build::Pr(5), &[("DRVKITE_EPHEMERA_FALLBACK", "true")]);
     let (got, _, _) = restore_with(&by_env, "v9", &[]);
     assert_eq!(got.as_deref(), Some("pr5 v2"));
+    // A new salt still starts afresh.
+    let salted = world.job(Build::Pr(5), &[("DRVKITE_EPHEMERA_SALT", "2")]);
+    let (got, _, status) = restore_with(&salted, "v2", &["--fallback"]);
+    assert_eq!((got, status.as_str()), (None, "miss\n"));
 }
 
 scenarios!(

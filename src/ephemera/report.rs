@@ -40,15 +40,15 @@ impl<'a> Listing<'a> {
     }
 }
 
-/// What a restore of set `name` with `key` would do, reading `readable`
-/// (the job's restore scopes, in order): the entry it would try first.
+/// What a restore with key `inputs` would do, reading `readable` (the
+/// job's restore scopes, in order): the entry it would try first.
 fn prospect<'a>(
     readable: &[&'a ScopeIndex],
-    name: &str,
-    key: &str,
+    inputs: &KeyInputs,
     fallback: bool,
 ) -> Option<(&'a Entry, Status)> {
-    candidates(readable, name, key, fallback).next()
+    let key = inputs.key();
+    candidates(readable, inputs, &key, fallback).next()
 }
 
 /// `exact (entry ID in SCOPE)`, `fallback (…, key K)` or `miss`.
@@ -118,7 +118,7 @@ pub(super) async fn list(ctx: &Ctx, json: bool) -> Result<ExitCode> {
             let files: Vec<String> = k.files.iter().map(|f| f.path.clone()).collect();
             let line = match KeyInputs::collect(name, &k.salt, &files, k.drv.as_deref(), &cwd) {
                 Ok(inputs) => {
-                    let found = prospect(&readable, name, &inputs.key(), ctx.options.fallback);
+                    let found = prospect(&readable, &inputs, ctx.options.fallback);
                     chosen.extend(found);
                     describe(found)
                 }
@@ -167,7 +167,7 @@ pub(super) async fn show(ctx: &Ctx, name: &str, key: &KeyArgs, json: bool) -> Re
         scopes.push(w);
     }
     let (cwd, _) = ctx.anchors()?;
-    let current = key.inputs(name, &cwd).map(|k| k.key());
+    let current = key.inputs(name, &cwd);
     let mut indexes = Vec::new();
     for scope in &scopes {
         indexes.push(manifest::load_scope(&ctx.store, &scope.prefix(), Some(name)).await?);
@@ -176,7 +176,7 @@ pub(super) async fn show(ctx: &Ctx, name: &str, key: &KeyArgs, json: bool) -> Re
     let found = current
         .as_ref()
         .ok()
-        .and_then(|k| prospect(&read, name, k, ctx.options.fallback));
+        .and_then(|k| prospect(&read, k, ctx.options.fallback));
     let chosen: Vec<(&Entry, Status)> = found.into_iter().collect();
     let all: Vec<&Entry> = indexes.iter().flat_map(|i| &i.entries).collect();
     if json {
@@ -195,7 +195,7 @@ pub(super) async fn show(ctx: &Ctx, name: &str, key: &KeyArgs, json: bool) -> Re
         }
     );
     match &current {
-        Ok(k) => println!("current key: {k}"),
+        Ok(k) => println!("current key: {}", k.key()),
         Err(e) => println!("current key: unknown ({e:#})"),
     }
     println!(

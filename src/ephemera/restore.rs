@@ -14,6 +14,7 @@ use anyhow::{Context, Result, bail};
 use super::anchor::{self, Anchors};
 use super::archive;
 use super::cli::KeyArgs;
+use super::key::KeyInputs;
 use super::manifest::{self, Entry, ScopeIndex, Tombstone};
 use super::scope::Scope;
 use super::store::{Hashing, Scoped};
@@ -69,19 +70,30 @@ impl Status {
     }
 }
 
-/// The entries a restore tries, in order: those with the current `key`,
-/// scope by scope; then, with `fallback`, the newest of the set under any
-/// other key, in the same scopes and order. Never anything else.
+/// The entries a restore tries, in order: those with the current key
+/// (`inputs`, whose key is `key`), scope by scope; then, with `fallback`,
+/// the newest of the set under any other key with the same salt and
+/// archive format (a new salt still starts afresh), in the same scopes and
+/// order. Never anything else.
 pub(super) fn candidates<'a, 'k>(
     indexes: &'k [&'a ScopeIndex],
-    name: &'k str,
+    inputs: &'k KeyInputs,
     key: &'k str,
     fallback: bool,
 ) -> impl Iterator<Item = (&'a Entry, Status)> + 'k {
     let of_set = move |index: &&'a ScopeIndex, exact: bool| {
         let index: &'a ScopeIndex = index;
         index.entries.iter().filter(move |e| {
-            !e.tombstoned && e.manifest.name == name && (e.manifest.key == key) == exact
+            let m = &e.manifest;
+            !e.tombstoned
+                && m.name == inputs.name
+                && if exact {
+                    m.key == key
+                } else {
+                    m.key != key
+                        && m.key_inputs.salt == inputs.salt
+                        && m.key_inputs.format == inputs.format
+                }
         })
     };
     let exact = indexes
@@ -128,7 +140,8 @@ pub(super) async fn restore(
         ));
     }
     let (cwd, anchors) = ctx.anchors()?;
-    let key = key.inputs(name, &cwd)?.key();
+    let inputs = key.inputs(name, &cwd)?;
+    let key = inputs.key();
     // Where this job may change anything: its own scope, if it may write.
     let own = job
         .write_scope(ctx.policy)
@@ -138,7 +151,7 @@ pub(super) async fn restore(
         indexes.push(manifest::load_scope(&ctx.store, &scope.prefix(), Some(name)).await?);
     }
     let read: Vec<&ScopeIndex> = indexes.iter().collect();
-    for (entry, status) in candidates(&read, name, &key, wanted.fallback) {
+    for (entry, status) in candidates(&read, &inputs, &key, wanted.fallback) {
         match restore_entry(ctx, entry, &anchors, status, &key).await {
             Ok(line) => {
                 write_status(wanted.status_file.as_deref(), status)?;
