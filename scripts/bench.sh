@@ -7,12 +7,16 @@
 #   scripts/bench.sh 2000 8000       # other sizes (or BENCH_SIZES="2000 8000")
 #   scripts/bench.sh --smoke         # 50 targets, one run: checks the script works
 #
-# Builds drvkite with `cargo build --release` unless DRVKITE_BIN names a
-# binary. Needs nix-instantiate, nix and python3 (stdlib only). Prints a Markdown
-# table; see docs/performance.md for how to read it.
+# Builds drvkite with `cargo build --release` (wherever CARGO_TARGET_DIR
+# says) unless DRVKITE_BIN names a binary. Needs nix-instantiate, nix and
+# python3 (stdlib only). Prints a Markdown table; see docs/performance.md.
 set -euo pipefail
-# DRVKITE_BIN may be relative to the caller's folder.
+# DRVKITE_BIN and CARGO_TARGET_DIR may be relative to the caller's folder.
 if [ -n "${DRVKITE_BIN:-}" ]; then DRVKITE_BIN=$(realpath "$DRVKITE_BIN"); fi
+if [ -n "${CARGO_TARGET_DIR:-}" ]; then
+  CARGO_TARGET_DIR=$(realpath -m -s -- "$CARGO_TARGET_DIR")
+  export CARGO_TARGET_DIR
+fi
 cd "$(dirname "$0")/.."
 
 smoke=0
@@ -38,8 +42,7 @@ command -v python3 >/dev/null || { echo "bench.sh: python3 not found: install it
 
 bin="${DRVKITE_BIN:-}"
 if [ -z "$bin" ]; then
-  cargo build --release --quiet
-  bin="$PWD/target/release/drvkite"
+  bin=$(scripts/build.sh --release)
 fi
 
 runs=()

@@ -46,7 +46,9 @@ pub enum Command {
     Pipeline(PipelineArgs),
     /// Compare two derivation maps: added, removed and changed labels.
     Diff {
+        /// The older derivation map (e.g. the parent build's drvmap.json).
         old: Utf8PathBuf,
+        /// The newer derivation map.
         new: Utf8PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -60,6 +62,7 @@ pub enum Command {
         /// The derivation map to compare against.
         #[arg(long)]
         parent_map: Utf8PathBuf,
+        /// Root folder of the depot (holding its default.nix).
         #[arg(long, env = "DRVKITE_DEPOT", default_value = ".")]
         depot: Utf8PathBuf,
         /// How many levels of changed input derivations to follow.
@@ -83,6 +86,11 @@ pub enum Command {
     Annotate(crate::buildkite::annotate::AnnotateArgs),
     /// Persist and restore caches between builds, safely (see docs/ephemera.md).
     Ephemera(crate::ephemera::EphemeraArgs),
+    /// Make a depot's git checkout ready for drvkite in CI: write the
+    /// bootstrap pipeline (.buildkite/drvkite.yml) and the .gitignore lines
+    /// for the steps' out-links, and check for readTree. Never replaces a
+    /// file; a second run changes nothing.
+    Init(crate::init::InitArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -97,6 +105,10 @@ pub struct PipelineArgs {
     /// skipped. Missing or invalid: every target is built.
     #[arg(long, env = "DRVKITE_PARENT_MAP")]
     pub parent_map: Option<Utf8PathBuf>,
+    /// Strict mode for CI: a missing or unusable parent map fails the run
+    /// (status 1, nothing written) instead of building every target.
+    #[arg(long, env = "DRVKITE_REQUIRE_PARENT_MAP")]
+    pub require_parent_map: bool,
     /// Attribute path of the depot's pipeline settings (dot-separated).
     #[arg(long, env = "DRVKITE_SETTINGS_ATTR", default_value = "ci.drvkite")]
     pub settings_attr: String,
@@ -206,6 +218,11 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     let evaluator =
         Evaluator::new(Nix::locate()?, &args.depot, settings_attr)?.with_tuning(&tuning);
     let (parent, mut warning) = ParentMap::load(args.parent_map.as_deref());
+    crate::pipeline::require_parent_map(
+        args.require_parent_map,
+        args.parent_map.is_some(),
+        &warning,
+    )?;
     // Read the .drv files of the targets that may be built while Nix goes
     // on with the others.
     let prefetch = crate::graph::Prefetch::start();
@@ -251,6 +268,11 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     settings.validate()?;
     if let (None, Some(path)) = (&warning, &args.parent_map) {
         warning = parent.check_against(path, &eval);
+        crate::pipeline::require_parent_map(
+            args.require_parent_map,
+            args.parent_map.is_some(),
+            &warning,
+        )?;
     }
     let detail = match (&warning, &args.parent_map) {
         (Some(w), _) => {
@@ -303,22 +325,10 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     let files =
         crate::pipeline::write_with(&generated, &drvmap_json, &args.out, settings.chunk_size)?;
     let writing = write_started.elapsed();
-    let s = &generated.summary;
-    let cached_count = if cached.is_some() {
-        format!(", {} cached", s.cached.len())
-    } else {
-        String::new()
-    };
     eprintln!(
-        "wrote {}: {} chunk files; {} targets, {} changed, {} unchanged{cached_count}, {} extra steps, {} broken; evaluation {:.1}s",
+        "wrote {}: {}",
         args.out,
-        files.len(),
-        s.targets,
-        s.changed.len(),
-        s.unchanged,
-        s.extra_steps,
-        s.broken.len(),
-        s.evaluation_seconds
+        generated.summary.counts(files.len())
     );
     for b in &eval.broken {
         eprintln!(
@@ -456,6 +466,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ephemera(args) => crate::ephemera::run(args).await,
+        Command::Init(args) => crate::init::run(&args),
     }
 }
 

@@ -19,8 +19,10 @@ use tokio::task::JoinSet;
 use crate::drvmap::{DrvMap, Entry};
 use crate::types::{AttrPath, DrvPath, Label};
 
+mod trace;
+
 const EVAL_NIX: &str = include_str!("../nix/eval.nix");
-const READTREE_NIX: &str = include_str!("../nix/readTree/default.nix");
+pub const READTREE_NIX: &str = include_str!("../nix/readTree/default.nix");
 
 /// The Nix tools drvkite runs, located on PATH.
 #[derive(Debug, Clone)]
@@ -613,7 +615,7 @@ impl Runner {
                     if died_of_memory(status, &message, &err) {
                         Outcome::OutOfMemory
                     } else {
-                        Outcome::Failed(message)
+                        Outcome::Failed(self.locate_missing(req, message).await)
                     }
                 }
             }
@@ -624,6 +626,34 @@ impl Runner {
                 .fetch_sub(traced.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         Ok(outcome)
+    }
+
+    /// A missing path's message, with the place that imported it (see
+    /// [`trace`]); on this error only, and only for a run cheap to repeat
+    /// (the target list, or one target), not for each half of a split.
+    async fn locate_missing(&self, req: &Request, message: String) -> String {
+        let small = req.labels_only || req.only.as_ref().is_some_and(|o| o.len() == 1);
+        let Some(missing) = trace::missing_path(&message).filter(|_| small) else {
+            return message;
+        };
+        if let Some(place) = trace::search_importer(&self.depot, missing) {
+            return message + &place;
+        }
+        if message.contains(" (at ") {
+            return message;
+        }
+        let mut cmd = self.command(req);
+        cmd.arg("--show-trace")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let Ok(out) = cmd.output().await else {
+            return message;
+        };
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match trace::traced_importer(&stderr, &self.internal_dir.to_string_lossy()) {
+            Some(place) => message + &place,
+            None => message,
+        }
     }
 
     /// A successful run's result: its stdout, and in full mode the records

@@ -14,6 +14,7 @@ pub mod ephemera;
 pub mod eval;
 pub mod explain;
 pub mod graph;
+pub mod init;
 pub mod pipeline;
 pub mod substitute;
 pub mod types;

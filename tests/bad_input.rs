@@ -389,3 +389,59 @@ fn sigkill_mid_write_leaves_the_old_or_the_new_folder() {
 fn sigterm_mid_write_leaves_the_old_or_the_new_folder_and_no_staging() {
     kill_at_many_points("TERM");
 }
+
+#[test]
+fn require_parent_map_fails_on_a_missing_or_unusable_map() {
+    let depot = Depot::new();
+    let out = depot.out("pipeline");
+    let good = pipeline(&depot, &[]).join("drvmap.json");
+    let before = files_of(&out);
+    let strict = |parent: Option<&Path>, env: bool| {
+        let mut cmd = pipeline_cmd(&depot.root, &out);
+        if env {
+            cmd.env("DRVKITE_REQUIRE_PARENT_MAP", "true");
+        } else {
+            cmd.arg("--require-parent-map");
+        }
+        if let Some(p) = parent {
+            cmd.arg("--parent-map").arg(p);
+        }
+        cmd.output().unwrap()
+    };
+    let line = one_line_failure(&strict(None, false));
+    assert!(
+        line.contains("needs a parent map: pass --parent-map"),
+        "{line}"
+    );
+    // A mistyped path.
+    let typo = depot.out("drvmpa.json");
+    for env in [false, true] {
+        let line = one_line_failure(&strict(Some(&typo), env));
+        assert!(
+            line.contains(&format!("{} does not exist", typo.display())),
+            "{line}"
+        );
+        assert!(line.contains("--require-parent-map"), "{line}");
+        assert!(!line.contains("building every target:"), "{line}");
+    }
+    // Malformed.
+    let bad = depot.out("bad.json");
+    std::fs::write(&bad, "{").unwrap();
+    let line = one_line_failure(&strict(Some(&bad), false));
+    assert!(line.contains(&bad.display().to_string()), "{line}");
+    // Another depot's map is found out after the evaluation.
+    let other = depot.out("other.json");
+    let mut map = read_json(&good);
+    let entries = std::mem::take(map.as_object_mut().unwrap());
+    for (i, (_, entry)) in entries.into_iter().enumerate() {
+        map[format!("elsewhere/t{i}")] = entry;
+    }
+    std::fs::write(&other, map.to_string()).unwrap();
+    let line = one_line_failure(&strict(Some(&other), false));
+    assert!(line.contains("is a target of this depot"), "{line}");
+    // Nothing was written by any of them.
+    assert_eq!(files_of(&out), before);
+    // A usable map passes.
+    let res = strict(Some(&good), false);
+    assert!(res.status.success(), "{res:?}");
+}

@@ -427,6 +427,28 @@ fn annotation_summarises_the_generation() {
 }
 
 #[test]
+fn without_a_parent_map_the_annotation_says_to_build() {
+    let agent = FakeAgent::new();
+    let mut s = summary(&["lib/a", "tools/b"], &[], &[]);
+    s["removed"] = json!([]);
+    s["parentMap"] =
+        json!({"status": "none", "detail": "no parent map given: building every target"});
+    pipeline_dir(agent.root(), &[("build", 1)], &s);
+    ok(agent.cmd().args(["annotate", "--dir", "pipeline"]));
+    let md = agent.annotation(0);
+    assert!(
+        md.contains("| targets | to build | extra steps | evaluation |\n"),
+        "{md}"
+    );
+    assert!(md.contains("| 12 | 2 | 5 | 1.2 s |"), "{md}");
+    assert!(
+        md.contains("**Targets to build (2)**\n\n| target |\n| --- |\n| lib/a |\n| tools/b |\n"),
+        "{md}"
+    );
+    assert!(!md.contains("changed"), "{md}");
+}
+
+#[test]
 fn long_lists_fold_away_and_labels_cannot_inject_markup() {
     let agent = FakeAgent::new();
     let mut changed: Vec<String> = (0..24).map(|i| format!("lib/t{i:02}")).collect();
@@ -1148,7 +1170,7 @@ fn on_the_default_branch_nothing_is_fetched() {
 // The static pipeline that bootstraps drvkite in CI.
 
 fn example_pipeline() -> PathBuf {
-    Path::new(REPO).join("examples/buildkite/pipeline.yml")
+    Path::new(REPO).join("src/init/drvkite.yml")
 }
 
 #[test]
@@ -1197,6 +1219,6 @@ fn the_docs_show_the_example_pipeline() {
     let yaml = std::fs::read_to_string(example_pipeline()).unwrap();
     assert!(
         readme.contains(&format!("```yaml\n{yaml}```")),
-        "docs/buildkite.md must carry examples/buildkite/pipeline.yml verbatim"
+        "docs/buildkite.md must carry src/init/drvkite.yml (what drvkite init writes) verbatim"
     );
 }

@@ -358,12 +358,13 @@ fn exactly_the_cached_targets_are_skipped_and_their_dependents_still_build() {
     let sigs = info[0]["signatures"].to_string();
     assert!(sigs.contains("drvkite-test-1:"), "{info}");
 
-    // The annotation counts cached skips apart.
+    // The annotation counts cached skips apart (no parent map here, so
+    // the others are to build, not changed).
     let md = ok(drvkite()
         .args(["annotate", "--dry-run", "--dir"])
         .arg(&run.out));
     assert!(
-        md.contains("| targets | changed | unchanged | cached | added |"),
+        md.contains("| targets | to build | cached | extra steps | evaluation |"),
         "{md}"
     );
     assert!(md.contains("**Skipped as cached (4)**"), "{md}");

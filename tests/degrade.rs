@@ -274,8 +274,7 @@ fn fail_on_eval_error_is_all_or_nothing() {
 /// The example pipeline's generating step, run by bash with a stand-in
 /// for drvkite that exits with `status` from `drvkite pipeline`.
 fn run_generate_step(status: i32) -> (Option<i32>, Vec<String>) {
-    let yaml =
-        std::fs::read_to_string(Path::new(REPO).join("examples/buildkite/pipeline.yml")).unwrap();
+    let yaml = std::fs::read_to_string(Path::new(REPO).join("src/init/drvkite.yml")).unwrap();
     let pipeline: Value = serde_norway::from_str(&yaml).unwrap();
     let pipeline = upload::uploaded_value(&pipeline).unwrap();
     let step = &pipeline["steps"][0];

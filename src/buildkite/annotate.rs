@@ -94,32 +94,35 @@ pub fn render(s: &Summary) -> String {
             "Each target that failed to evaluate has a failing :x: step instead of its build step; its extra steps were not generated.\n"
         );
     }
-    // The cached column only when the check was on: without it, the
-    // table is what it always was.
-    let (cached_head, cached_cell) = match &s.cache_check {
-        Some(_) => (" cached |", format!(" {} |", s.cached.len())),
-        None => ("", String::new()),
-    };
-    let _ = writeln!(
-        md,
-        "| targets | changed | unchanged |{cached_head} added | removed | extra steps | evaluation |"
-    );
-    md.push_str("| ---: | ---: | ---: |");
-    if s.cache_check.is_some() {
-        md.push_str(" ---: |");
+    // Without a usable parent map nothing was compared: every target is
+    // to build, none "changed", "added" or "removed". The cached column
+    // only when the check was on.
+    let compared = s.parent_map.status == ParentStatus::Used;
+    let mut head: Vec<&str> = vec!["targets"];
+    let mut cells: Vec<String> = vec![s.targets.to_string()];
+    if compared {
+        head.extend(["changed", "unchanged"]);
+        cells.extend([s.changed.len().to_string(), s.unchanged.to_string()]);
+    } else {
+        head.push("to build");
+        cells.push(s.changed.len().to_string());
     }
-    md.push_str(" ---: | ---: | ---: | ---: |\n");
-    let _ = writeln!(
-        md,
-        "| {} | {} | {} |{cached_cell} {} | {} | {} | {:.1} s |\n",
-        s.targets,
-        s.changed.len(),
-        s.unchanged,
-        s.added.len(),
-        s.removed.len(),
-        s.extra_steps,
-        s.evaluation_seconds
-    );
+    if s.cache_check.is_some() {
+        head.push("cached");
+        cells.push(s.cached.len().to_string());
+    }
+    if compared {
+        head.extend(["added", "removed"]);
+        cells.extend([s.added.len().to_string(), s.removed.len().to_string()]);
+    }
+    head.extend(["extra steps", "evaluation"]);
+    cells.extend([
+        s.extra_steps.to_string(),
+        format!("{:.1} s", s.evaluation_seconds),
+    ]);
+    let _ = writeln!(md, "| {} |", head.join(" | "));
+    let _ = writeln!(md, "|{}", " ---: |".repeat(head.len()));
+    let _ = writeln!(md, "| {} |\n", cells.join(" | "));
     if !s.steps.is_empty() {
         let phases: Vec<String> = s
             .steps
@@ -143,10 +146,18 @@ pub fn render(s: &Summary) -> String {
             } else {
                 "changed"
             };
-            vec![escape(l.as_str()), kind.to_owned()]
+            let mut row = vec![escape(l.as_str())];
+            if compared {
+                row.push(kind.to_owned());
+            }
+            row
         })
         .collect();
-    table(&mut md, "Changed targets", &["target", "change"], &rows);
+    if compared {
+        table(&mut md, "Changed targets", &["target", "change"], &rows);
+    } else {
+        table(&mut md, "Targets to build", &["target"], &rows);
+    }
     let rows: Vec<Vec<String>> = s
         .cached
         .iter()

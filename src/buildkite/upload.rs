@@ -154,8 +154,9 @@ pub fn run(args: &UploadArgs) -> Result<()> {
         group(&format!("phase {phase}: no steps, nothing to upload"));
     } else {
         group(&format!(
-            "uploading phase {phase}: {steps} steps in {} chunks (last chunk first, so Buildkite lists them in order)",
-            plan.chunks.len()
+            "uploading phase {phase}: {} in {} (last chunk first, so Buildkite lists them in order)",
+            crate::pipeline::counted(steps, "step"),
+            crate::pipeline::counted(plan.chunks.len(), "chunk")
         ));
         for chunk in &plan.chunks {
             agent.run(&["pipeline", "upload", chunk.as_str()], None)?;

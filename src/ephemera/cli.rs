@@ -108,7 +108,12 @@ pub enum EphemeraCommand {
     /// Archive PATHs (relative to the working directory, or ~/…) as a new
     /// entry of set NAME in this job's scope. Run it only after success.
     Persist {
+        /// The set's name (letters, digits, '.', '_', '-'), e.g. cargo-target.
         name: String,
+        /// Files and folders to archive, relative to the working directory
+        /// or ~/…, or rules picking files in them (`target/**`,
+        /// `!target/tmp/**`, `=…` must match, `%…` may change); each path
+        /// or rule's fixed folder is restored to the same place.
         #[arg(required = true)]
         paths: Vec<String>,
         #[command(flatten)]
@@ -117,6 +122,7 @@ pub enum EphemeraCommand {
     /// Put the newest allowed entry of set NAME back where it was persisted
     /// from (replacing what is there). A miss is not an error.
     Restore {
+        /// The set's name (letters, digits, '.', '_', '-'), e.g. cargo-target.
         name: String,
         #[command(flatten)]
         key: KeyArgs,
@@ -134,21 +140,25 @@ pub enum EphemeraCommand {
     /// List the entries of this pipeline (of the whole store outside
     /// Buildkite).
     List {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Show the entries of set NAME this job can see, and which one a
     /// restore would use.
     Show {
+        /// The set's name (letters, digits, '.', '_', '-'), e.g. cargo-target.
         name: String,
         #[command(flatten)]
         key: KeyArgs,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Tombstone the entries of set NAME in this job's scope: restores skip
     /// entries created before now.
     Invalidate {
+        /// The set's name (letters, digits, '.', '_', '-'), e.g. cargo-target.
         name: String,
         /// Only entries with this key (see `show`); all keys otherwise.
         #[arg(long)]

@@ -111,6 +111,34 @@ impl ParentMap {
     }
 }
 
+/// `--require-parent-map`: the reason the parent map cannot be used (a
+/// warning from [`ParentMap`]) becomes an error.
+pub fn require_parent_map(required: bool, given: bool, warning: &Option<String>) -> Result<()> {
+    if !required {
+        return Ok(());
+    }
+    if !given {
+        anyhow::bail!(
+            "--require-parent-map (DRVKITE_REQUIRE_PARENT_MAP) needs a parent map: pass --parent-map FILE; nothing was written"
+        );
+    }
+    if let Some(w) = warning {
+        // The warning's wording, less what no longer happens.
+        let reason = w
+            .strip_suffix("; building every target")
+            .or_else(|| w.strip_suffix(": building every target"))
+            .unwrap_or(w);
+        let reason = match reason.strip_prefix("ignoring the parent map") {
+            Some(rest) => format!("parent map{}", rest.strip_prefix(':').unwrap_or(rest)),
+            None => reason.to_owned(),
+        };
+        anyhow::bail!(
+            "{reason}; --require-parent-map fails the run rather than build every target: check --parent-map; nothing was written"
+        );
+    }
+    Ok(())
+}
+
 /// Build-step facts an extra step needs about its parent.
 #[derive(Debug, Clone)]
 pub struct ParentStep {
@@ -156,6 +184,47 @@ pub struct Summary {
 pub struct CachedSummary {
     pub label: Label,
     pub cache: String,
+}
+
+impl Summary {
+    /// The counts for the line `drvkite pipeline` ends with. Without a
+    /// usable parent map nothing "changed": every target is to build.
+    pub fn counts(&self, chunk_files: usize) -> String {
+        let targets = match self.parent_map.status {
+            ParentStatus::Used => format!(
+                "{}, {} changed, {} unchanged",
+                counted(self.targets, "target"),
+                self.changed.len(),
+                self.unchanged
+            ),
+            ParentStatus::None | ParentStatus::Invalid => format!(
+                "{}, {} to build (no usable parent map)",
+                counted(self.targets, "target"),
+                self.changed.len()
+            ),
+        };
+        // Only when the check was on (bench/run.py reads "N cached, ").
+        let cached = match &self.cache_check {
+            Some(_) => format!(", {} cached", self.cached.len()),
+            None => String::new(),
+        };
+        format!(
+            "{}; {targets}{cached}, {}, {} broken; evaluation {:.1}s",
+            counted(chunk_files, "chunk file"),
+            counted(self.extra_steps, "extra step"),
+            self.broken.len(),
+            self.evaluation_seconds
+        )
+    }
+}
+
+/// "1 thing", "2 things".
+pub fn counted(n: usize, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -51,9 +51,8 @@ fn copy_dir(from: &Path, to: &Path) {
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// A copy of examples/depot laid out as in the repository (so its
-/// nix/readTree forwarder finds drvkite's readTree), salted so that its
-/// store paths are new to this test.
+/// A copy of examples/depot (in `<tmp>/examples/depot`), salted so that
+/// its store paths are new to this test.
 pub struct Depot {
     pub tmp: tempfile::TempDir,
     pub root: PathBuf,
@@ -64,10 +63,6 @@ impl Depot {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("examples/depot");
         copy_dir(&Path::new(REPO).join("examples/depot"), &root);
-        copy_dir(
-            &Path::new(REPO).join("nix/readTree"),
-            &tmp.path().join("nix/readTree"),
-        );
         let salt = format!(
             "{}-{}-{:?}",
             std::process::id(),
