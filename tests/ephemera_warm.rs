@@ -101,23 +101,34 @@ fn percent_rules_tolerate_files_changing_while_archived(world: &World) {
                 f.flush().unwrap();
             }
         });
-        let strict = job.run(&["persist", "strict", "cache/**"]);
-        let tolerant = job.run(&["persist", "tolerant", "%cache/**"]);
+        // Whether the writer gets a turn while a file is read is up to the
+        // scheduler: on a busy machine one persist may slip through, so
+        // each kind is tried until the change is seen (nearly always at
+        // once). Nothing in here may panic before the writer is stopped.
+        let attempt = |args: &[&str], seen: &dyn Fn(&std::process::Output) -> bool| {
+            (0..20).find_map(|_| {
+                let before = world.manifests().len();
+                let out = job.run(args);
+                seen(&out).then(|| (out, world.manifests().len() - before))
+            })
+        };
+        let strict = attempt(&["persist", "strict", "cache/**"], &|out| {
+            !out.status.success()
+        });
+        let tolerant = attempt(&["persist", "tolerant", "%cache/**"], &|out| {
+            stderr(out).contains("left out cache/live.log (changed while archived)")
+        });
         stop.store(true, Ordering::Relaxed);
-        assert!(!strict.status.success(), "{}", stdout(&strict));
+        let (strict, written) = strict.expect("the file never changed while it was archived");
         assert!(
             stderr(&strict).contains("changed while it was archived"),
             "{}",
             stderr(&strict)
         );
+        assert_eq!(written, 0, "the failed persist wrote a manifest");
+        let (tolerant, _) = tolerant.expect("the file never changed while it was archived");
         assert!(tolerant.status.success(), "{}", stderr(&tolerant));
-        assert!(
-            stderr(&tolerant).contains("left out cache/live.log (changed while archived)"),
-            "{}",
-            stderr(&tolerant)
-        );
     });
-    assert!(world.manifests().iter().all(|m| !m.contains("/strict/")));
     let next = world.job(Build::Pr(5), &[]);
     next.ok(&["restore", "tolerant"]);
     assert_eq!(files(&next, "cache"), ["steady"]);
