@@ -5,221 +5,17 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::process::{Command, Output};
+use std::time::{Duration, SystemTime};
 
-use common::{drvkite, fails, ok};
+use common::ephemera::*;
+use common::{fails, ok};
 use drvkite::ephemera::store::{S3Options, Store};
 use drvkite::ephemera::{EphemeraSet, wrap_script};
 use sha2::{Digest, Sha256};
 use tar::EntryType;
-
-static BUILD: AtomicUsize = AtomicUsize::new(1);
-
-/// One store shared by the jobs of a test.
-struct World {
-    root: tempfile::TempDir,
-    store: String,
-    extra: Vec<(String, String)>,
-}
-
-#[derive(Clone, Copy)]
-enum Build<'a> {
-    Main,
-    Pr(u64),
-    Fork(u64, &'a str),
-}
-
-struct Job {
-    ws: PathBuf,
-    home: PathBuf,
-    vars: Vec<(String, String)>,
-}
-
-impl World {
-    fn local() -> World {
-        let root = tempfile::tempdir().unwrap();
-        let store = root.path().join("store").display().to_string();
-        World {
-            root,
-            store,
-            extra: vec![],
-        }
-    }
-
-    fn store_path(&self) -> PathBuf {
-        PathBuf::from(&self.store)
-    }
-
-    /// A fresh job of `build`, with `extra` variables on top.
-    fn job(&self, build: Build, extra: &[(&str, &str)]) -> Job {
-        let n = BUILD.fetch_add(1, Ordering::SeqCst);
-        let ws = self.root.path().join(format!("agent{n}/builds/depot"));
-        let home = self.root.path().join(format!("agent{n}/home"));
-        std::fs::create_dir_all(&ws).unwrap();
-        std::fs::create_dir_all(&home).unwrap();
-        let mut vars: Vec<(String, String)> = [
-            ("BUILDKITE_ORGANIZATION_SLUG", "acme"),
-            ("BUILDKITE_PIPELINE_SLUG", "depot"),
-            ("BUILDKITE_REPO", "git@github.com:acme/depot.git"),
-            ("BUILDKITE_PIPELINE_DEFAULT_BRANCH", "main"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let mut set = |k: &str, v: String| vars.push((k.to_string(), v));
-        set("BUILDKITE_BUILD_NUMBER", n.to_string());
-        set("BUILDKITE_BUILD_ID", format!("build-{n}"));
-        set(
-            "BUILDKITE_BUILD_URL",
-            format!("https://buildkite.com/acme/depot/builds/{n}"),
-        );
-        set("BUILDKITE_JOB_ID", format!("job-{n}"));
-        set("DRVKITE_EPHEMERA_STORE", self.store.clone());
-        match build {
-            Build::Main => {
-                set("BUILDKITE_BRANCH", "main".into());
-                set("BUILDKITE_PULL_REQUEST", "false".into());
-            }
-            Build::Pr(pr) => {
-                set("BUILDKITE_BRANCH", "feature".into());
-                set("BUILDKITE_PULL_REQUEST", pr.to_string());
-                set(
-                    "BUILDKITE_PULL_REQUEST_REPO",
-                    "https://github.com/acme/depot".into(),
-                );
-            }
-            Build::Fork(pr, repo) => {
-                // A fork may call its branch anything, "main" included.
-                set("BUILDKITE_BRANCH", "main".into());
-                set("BUILDKITE_PULL_REQUEST", pr.to_string());
-                set("BUILDKITE_PULL_REQUEST_REPO", repo.into());
-            }
-        }
-        for (k, v) in &self.extra {
-            set(k, v.clone());
-        }
-        for (k, v) in extra {
-            set(k, v.to_string());
-        }
-        Job { ws, home, vars }
-    }
-
-    /// Manifests in the local store, as store-relative paths.
-    fn manifests(&self) -> Vec<String> {
-        files_under(&self.store_path())
-            .into_iter()
-            .filter(|p| p.contains("/entries/") && p.ends_with(".json"))
-            .collect()
-    }
-}
-
-fn files_under(dir: &Path) -> Vec<String> {
-    walkdir::WalkDir::new(dir)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file())
-        .map(|e| {
-            e.path()
-                .strip_prefix(dir)
-                .unwrap()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect()
-}
-
-/// The bin folder of drvkite first, then the system's.
-fn path_var(first: Option<&Path>) -> String {
-    let bin = Path::new(env!("CARGO_BIN_EXE_drvkite")).parent().unwrap();
-    let mut parts = vec![];
-    if let Some(f) = first {
-        parts.push(f.display().to_string());
-    }
-    parts.push(bin.display().to_string());
-    parts.push(std::env::var("PATH").unwrap_or_default());
-    parts.join(":")
-}
-
-impl Job {
-    fn base(&self, mut cmd: Command) -> Command {
-        cmd.env_clear()
-            .env("PATH", path_var(None))
-            .env("HOME", &self.home)
-            .envs(self.vars.iter().map(|(k, v)| (k, v)))
-            .current_dir(&self.ws);
-        cmd
-    }
-
-    fn eph(&self, args: &[&str]) -> Command {
-        let mut cmd = self.base(drvkite());
-        cmd.arg("ephemera").args(args);
-        cmd
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        ok(&mut self.eph(args))
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.eph(args).output().unwrap()
-    }
-
-    fn write(&self, rel: &str, text: &str) {
-        let p = self.ws.join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, text).unwrap();
-    }
-
-    fn read(&self, rel: &str) -> Option<String> {
-        std::fs::read_to_string(self.ws.join(rel)).ok()
-    }
-
-    fn leftovers(&self) -> Vec<String> {
-        let mut found = vec![];
-        for dir in [&self.ws, &self.home] {
-            for e in walkdir::WalkDir::new(dir)
-                .into_iter()
-                .filter_map(Result::ok)
-            {
-                let name = e.file_name().to_string_lossy();
-                if name.starts_with(".drvkite-") {
-                    found.push(e.path().display().to_string());
-                }
-            }
-        }
-        found
-    }
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Persist `target/` holding `content` with Cargo.lock as key file.
-fn persist_target(job: &Job, content: &str) -> String {
-    job.write("Cargo.lock", "lock v1\n");
-    job.write("target/out.txt", content);
-    job.ok(&["persist", "cargo", "target", "--key-file", "Cargo.lock"])
-}
-
-/// Restore `cargo` in a job; the restored `target/out.txt`, if any.
-fn restore_target(job: &Job) -> Option<String> {
-    if job.read("Cargo.lock").is_none() {
-        job.write("Cargo.lock", "lock v1\n");
-    }
-    job.ok(&["restore", "cargo", "--key-file", "Cargo.lock"]);
-    job.read("target/out.txt")
-}
 
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
@@ -379,10 +175,6 @@ fn restore_appends_provenance_to_the_annotation_when_asked() {
     assert!(!log.exists());
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Every file, folder and link below `dir` (except the store), with
 /// contents, to prove a refused restore changed nothing.
 fn snapshot(dir: &Path, skip: &Path) -> BTreeMap<PathBuf, String> {
@@ -403,59 +195,10 @@ fn snapshot(dir: &Path, skip: &Path) -> BTreeMap<PathBuf, String> {
         .collect()
 }
 
-/// Tar entries written raw, so names and types the tar crate's builder
-/// would refuse can be made.
-struct Evil {
-    tar: tar::Builder<Vec<u8>>,
-}
-
-impl Evil {
-    /// Starts with a harmless folder and file, as a real archive would.
-    fn new() -> Evil {
-        let mut e = Evil {
-            tar: tar::Builder::new(Vec::new()),
-        };
-        e.entry("0", EntryType::Directory, None, b"");
-        e.entry("0/fine.txt", EntryType::Regular, None, b"fine");
-        e
-    }
-
-    fn entry(&mut self, name: &str, kind: EntryType, link: Option<&str>, data: &[u8]) -> &mut Self {
-        let mut h = tar::Header::new_gnu();
-        {
-            let gnu = h.as_gnu_mut().unwrap();
-            assert!(name.len() < 100, "{name}");
-            gnu.name[..name.len()].copy_from_slice(name.as_bytes());
-            if let Some(l) = link {
-                assert!(l.len() < 100, "{l}");
-                gnu.linkname[..l.len()].copy_from_slice(l.as_bytes());
-            }
-        }
-        h.set_entry_type(kind);
-        h.set_size(data.len() as u64);
-        h.set_mode(if kind == EntryType::Directory {
-            0o755
-        } else {
-            0o644
-        });
-        if matches!(kind, EntryType::Char) {
-            h.set_device_major(1).unwrap();
-            h.set_device_minor(3).unwrap();
-        }
-        h.set_cksum();
-        self.tar.append(&h, data).unwrap();
-        self
-    }
-
-    fn finish(self) -> Vec<u8> {
-        zstd::encode_all(&self.tar.into_inner().unwrap()[..], 3).unwrap()
-    }
-}
-
-/// Invalidate the set, then plant `archive` as the only live entry, in the
-/// place of the manifest at `template`: what someone who can write into the
-/// scope could do. A matching blob and manifest, so only the archive's
-/// contents are wrong.
+/// Invalidate the set, then plant `archive` as the only live entry, next
+/// to the manifest at `template`: what someone who can write into the scope
+/// could do. A matching blob and manifest, so only the archive's contents
+/// are wrong.
 fn plant(world: &World, template: &str, archive: &[u8], id: &str) {
     plant_with(world, template, archive, id, |_| {});
 }
@@ -468,22 +211,10 @@ fn plant_with(
     id: &str,
     edit: impl Fn(&mut serde_json::Value),
 ) {
-    let store = world.store_path();
-    let mut m = common::read_json(&store.join(template));
-    let name = m["name"].as_str().unwrap().to_string();
-    world.job(Build::Pr(5), &[]).ok(&["invalidate", &name]);
-    let sha = hex(&Sha256::digest(archive));
-    let scope = m["scope"].as_str().unwrap().to_string();
-    std::fs::write(store.join(format!("{scope}/blobs/{sha}.tar.zst")), archive).unwrap();
-    m["sha256"] = sha.into();
-    m["size"] = (archive.len() as u64).into();
-    m["id"] = id.into();
-    m["created_at"] = humantime::format_rfc3339_nanos(SystemTime::now())
-        .to_string()
-        .into();
-    edit(&mut m);
-    let path = store.join(Path::new(template).with_file_name(format!("{id}.json")));
-    std::fs::write(path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let m = world.manifest(template);
+    let name = m["name"].as_str().unwrap();
+    world.job(Build::Pr(5), &[]).ok(&["invalidate", name]);
+    world.plant(template, m["scope"].as_str().unwrap(), archive, id, edit);
 }
 
 #[test]
@@ -1021,21 +752,6 @@ fn a_key_file_change_or_invalidate_stops_restores() {
     );
 }
 
-/// `len` bytes that zstd cannot shrink.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 fn persist_noise(
     world: &World,
     build: Build,
@@ -1219,118 +935,10 @@ fn gc_evicts_entries_unused_for_max_age() {
     assert!(!restored(&world, Build::Pr(5), "stale", &[]));
 }
 
-/// A real S3 server (moto) on a free loopback port, stopped on drop.
-struct Moto {
-    child: Child,
-    port: u16,
-    _log: tempfile::NamedTempFile,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn moto_command() -> Option<Command> {
-    if let Ok(p) = std::env::var("DRVKITE_TEST_MOTO_SERVER")
-        && !p.is_empty()
-    {
-        return Some(Command::new(p));
-    }
-    if let Ok(p) = which::which("moto_server") {
-        return Some(Command::new(p));
-    }
-    let python_has_it = Command::new("python3")
-        .args(["-c", "import moto.server"])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    python_has_it.then(|| {
-        let mut c = Command::new("python3");
-        c.args(["-m", "moto.server"]);
-        c
-    })
-}
-
-fn start_moto() -> Option<Moto> {
-    let Some(mut cmd) = moto_command() else {
-        let msg = "moto_server (PyPI moto[server]) is not installed: the S3 store test needs a \
-                   real S3 server; scripts/ensure-moto.sh installs it";
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{msg}");
-        }
-        eprintln!("\n!!!!!!!! SKIPPING the S3 store test: {msg} !!!!!!!!\n");
-        return None;
-    };
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let child = cmd
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(log.reopen().unwrap())
-        .stderr(log.reopen().unwrap())
-        .spawn()
-        .expect("start moto_server");
-    let mut moto = Moto {
-        child,
-        port,
-        _log: log,
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        if let Some(status) = moto.child.try_wait().unwrap() {
-            let log = std::fs::read_to_string(moto._log.path()).unwrap_or_default();
-            panic!("moto_server exited ({status}) before listening: {log}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "moto_server did not start listening"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Some(moto)
-}
-
-/// S3 `CreateBucket` as a bare HTTP request (moto does not check auth).
-fn create_bucket(port: u16, bucket: &str) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-}
-
 #[test]
 fn s3_store_round_trip_on_loopback() {
     let Some(moto) = start_moto() else { return };
-    create_bucket(moto.port, "ephemera");
-    let mut world = World::local();
-    world.store = "s3://ephemera/ci".into();
-    world.extra = [
-        (
-            "DRVKITE_EPHEMERA_S3_ENDPOINT",
-            format!("http://127.0.0.1:{}", moto.port),
-        ),
-        ("DRVKITE_EPHEMERA_S3_ALLOW_HTTP", "true".into()),
-        ("AWS_ACCESS_KEY_ID", "testing".into()),
-        ("AWS_SECRET_ACCESS_KEY", "testing".into()),
-        ("AWS_REGION", "us-east-1".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    let world = World::s3(&moto, "ephemera");
 
     let a = world.job(Build::Pr(5), &[]);
     // Big enough for a multipart upload.
@@ -1355,8 +963,10 @@ fn s3_store_round_trip_on_loopback() {
     assert_eq!(restore_target(&world.job(Build::Pr(6), &[])), None);
 
     let listed = b.ok(&["list"]);
-    assert_eq!(listed.lines().count(), 1, "{listed}");
+    let entries: Vec<&str> = listed.lines().filter(|l| l.starts_with("acme/")).collect();
+    assert_eq!(entries.len(), 1, "{listed}");
     assert!(listed.starts_with("acme/depot/pr/5  cargo"), "{listed}");
+    assert!(listed.contains("\n  cargo: exact (entry "), "{listed}");
 
     b.ok(&["invalidate", "cargo"]);
     assert_eq!(restore_target(&world.job(Build::Pr(5), &[])), None);

@@ -67,6 +67,30 @@ fn step_command(depot: &Depot, command: &str, log: &Path) -> Command {
     cmd
 }
 
+/// The agent's bash for a step's command in job `n` of pull request 7,
+/// with drvkite as `$DRVKITE` and its ephemera store in `store`; `RUN` is
+/// `n` too.
+fn pr_job(depot: &Depot, command: &str, log: &Path, store: &Path, n: &str) -> Command {
+    let mut cmd = step_command(depot, command, log);
+    cmd.env("DRVKITE", env!("CARGO_BIN_EXE_drvkite"))
+        .env("DRVKITE_EPHEMERA_STORE", store)
+        .env("BUILDKITE_ORGANIZATION_SLUG", "acme")
+        .env("BUILDKITE_PIPELINE_SLUG", "depot")
+        .env("BUILDKITE_REPO", "git@github.com:acme/depot.git")
+        .env("BUILDKITE_PIPELINE_DEFAULT_BRANCH", "main")
+        .env("BUILDKITE_BRANCH", "feature")
+        .env("BUILDKITE_PULL_REQUEST", "7")
+        .env(
+            "BUILDKITE_PULL_REQUEST_REPO",
+            "https://github.com/acme/depot",
+        )
+        .env("BUILDKITE_BUILD_NUMBER", n)
+        .env("BUILDKITE_BUILD_ID", format!("build-{n}"))
+        .env("BUILDKITE_JOB_ID", format!("job-{n}"))
+        .env("RUN", n);
+    cmd
+}
+
 fn log_lines(log: &Path) -> Vec<String> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
@@ -749,27 +773,10 @@ depot.nix.build.mkTarget {
 
     let store = tempfile::tempdir().unwrap();
     let log = depot.out("warm.log");
-    let bin = env!("CARGO_BIN_EXE_drvkite");
     // Each run is a fresh job of the same pull request on a pristine checkout.
     let run = |n: &str, fail: bool| {
         let _ = std::fs::remove_dir_all(depot.path("cache-dir"));
-        let mut cmd = step_command(&depot, &command, &log);
-        cmd.env("DRVKITE", bin)
-            .env("DRVKITE_EPHEMERA_STORE", store.path())
-            .env("BUILDKITE_ORGANIZATION_SLUG", "acme")
-            .env("BUILDKITE_PIPELINE_SLUG", "depot")
-            .env("BUILDKITE_REPO", "git@github.com:acme/depot.git")
-            .env("BUILDKITE_PIPELINE_DEFAULT_BRANCH", "main")
-            .env("BUILDKITE_BRANCH", "feature")
-            .env("BUILDKITE_PULL_REQUEST", "7")
-            .env(
-                "BUILDKITE_PULL_REQUEST_REPO",
-                "https://github.com/acme/depot",
-            )
-            .env("BUILDKITE_BUILD_NUMBER", n)
-            .env("BUILDKITE_BUILD_ID", format!("build-{n}"))
-            .env("BUILDKITE_JOB_ID", format!("job-{n}"))
-            .env("RUN", n);
+        let mut cmd = pr_job(&depot, &command, &log, store.path(), n);
         if fail {
             cmd.env("FAIL", "1");
             let out = cmd.output().unwrap();
@@ -788,4 +795,76 @@ depot.nix.build.mkTarget {
     // Run 1 failed: nothing persisted, so run 2 missed; run 3 restored
     // run 2's cache; a changed key file starts afresh.
     assert_eq!(log_lines(&log), ["miss", "miss", "hit 2", "miss"]);
+}
+
+#[test]
+fn ephemera_rules_and_fallback_warm_a_step_whose_key_changed() {
+    let depot = Depot::with_git();
+    depot.write(
+        "cached/default.nix",
+        r#"{ depot, ... }:
+depot.nix.build.mkTarget {
+  name = "cached";
+  meta.ci.extraSteps.warm = {
+    command = depot.nix.build.writeScript "warm" ''
+      if [ -e cache-dir/tmp/scratch ]; then tmp=tmp; else tmp=notmp; fi
+      echo "$DRVKITE_EPHEMERA_CACHE_DIR_STATUS $(cat cache-dir/state 2>/dev/null || echo none) $tmp" >> "$EXTRA_STEP_LOG"
+      mkdir -p cache-dir/tmp
+      echo "$RUN" > cache-dir/state
+      echo scratch > cache-dir/tmp/scratch
+    '';
+    ephemera = [ {
+      name = "cache-dir";
+      paths = [ "cache-dir/**" "!cache-dir/tmp/**" ];
+      keyFiles = [ "cached/key.txt" ];
+      fallback = true;
+    } ];
+  };
+}
+"#,
+    );
+    depot.write("cached/key.txt", "v1\n");
+    let ignore = std::fs::read_to_string(depot.path(".gitignore")).unwrap_or_default();
+    depot.write(".gitignore", &format!("{ignore}/cache-dir\n"));
+    depot.commit("cached target");
+    let store = tempfile::tempdir().unwrap();
+    let log = depot.out("warm.log");
+    // Each run: the pipeline as the commit makes it, then its step in a
+    // fresh job of the same pull request on a pristine checkout.
+    let run = |n: &str| {
+        let (_, chunks) = pipeline(&depot, &format!("pipeline-{n}"), &[]);
+        let command = command_of(find(&chunks, ":gear: warm (from cached)").1).to_owned();
+        let _ = std::fs::remove_dir_all(depot.path("cache-dir"));
+        let mut cmd = pr_job(&depot, &command, &log, store.path(), n);
+        let out = ok(&mut cmd);
+        assert_clean(&depot);
+        out
+    };
+    run("1");
+    depot.write("cached/key.txt", "v2\n");
+    depot.commit("new key");
+    let second = run("2");
+    assert!(second.contains("restored cache-dir (fallback"), "{second}");
+    run("3");
+    // Run 1 missed; run 2's key changed, so it warmed up from run 1's entry
+    // (without the excluded tmp/) and persisted under the new key, which
+    // run 3 restored exactly.
+    assert_eq!(
+        log_lines(&log),
+        ["miss none notmp", "fallback 1 notmp", "exact 2 notmp"]
+    );
+    // Entries under two keys: v1 (run 1), v2 (runs 2 and 3).
+    let mut keys: Vec<String> = walkdir::WalkDir::new(store.path())
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .filter_map(|e| {
+            let p = e.path().to_string_lossy().into_owned();
+            let rest = p.split_once("/entries/cache-dir/")?.1.to_owned();
+            Some(rest.split('/').next()?.to_owned())
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 2, "{keys:?}");
 }

@@ -8,6 +8,9 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use super::credentials::{credential_store, whole_config_folder};
+use super::places::Forbidden;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Anchor {
@@ -34,10 +37,16 @@ impl std::fmt::Display for SavedPath {
     }
 }
 
-/// The anchors of this job, canonicalized.
+/// The anchors of this job, canonicalized, and what may not be placed
+/// under them.
 pub struct Anchors {
     workspace: PathBuf,
     home: Option<PathBuf>,
+    forbidden: Forbidden,
+    /// Home-relative config folders that need `--allow-config-folders`
+    /// beyond `~/.config` and `~/.local/share` (`$XDG_CONFIG_HOME`…).
+    config_folders: Vec<String>,
+    allow_config_folders: bool,
 }
 
 impl Anchors {
@@ -46,7 +55,50 @@ impl Anchors {
             .canonicalize()
             .with_context(|| format!("cannot resolve the working directory {}", cwd.display()))?;
         let home = home.and_then(|h| h.canonicalize().ok());
-        Ok(Anchors { workspace, home })
+        Ok(Anchors {
+            workspace,
+            home,
+            forbidden: Forbidden::default(),
+            config_folders: Vec::new(),
+            allow_config_folders: false,
+        })
+    }
+
+    /// Refuse `forbidden` places; treat the folders `xdg` (absolute, e.g.
+    /// `$XDG_CONFIG_HOME`) like `~/.config` when they lie in the home
+    /// folder; allow whole config folders only with `allow_config_folders`.
+    pub fn guarded(mut self, forbidden: Forbidden, xdg: &[PathBuf], allow_config: bool) -> Self {
+        self.forbidden = forbidden;
+        self.allow_config_folders = allow_config;
+        if let Some(home) = &self.home {
+            self.config_folders = xdg
+                .iter()
+                .filter_map(|p| p.canonicalize().ok())
+                .filter_map(|p| {
+                    p.strip_prefix(home)
+                        .ok()
+                        .and_then(|r| r.to_str())
+                        .filter(|r| !r.is_empty())
+                        .map(str::to_string)
+                })
+                .collect();
+        }
+        self
+    }
+
+    /// Refuse a whole config folder unless the operator opted in.
+    fn check_config_folder(&self, saved: &SavedPath) -> Result<()> {
+        if saved.anchor != Anchor::Home || self.allow_config_folders {
+            return Ok(());
+        }
+        if let Some(folder) = whole_config_folder(&saved.path, &self.config_folders) {
+            bail!(
+                "{saved} is or holds the whole config folder ~/{folder}, where many tools keep \
+                 credentials: persist the folders inside it that you need, or pass \
+                 --allow-config-folders (DRVKITE_EPHEMERA_ALLOW_CONFIG_FOLDERS)"
+            );
+        }
+        Ok(())
     }
 
     pub fn workspace(&self) -> &Path {
@@ -63,15 +115,46 @@ impl Anchors {
         }
     }
 
-    /// Resolve a `persist` argument: `~`/`~/…`, absolute, or relative to
-    /// the working directory. `None` when it does not exist.
-    pub fn resolve(&self, arg: &str) -> Result<Option<(SavedPath, PathBuf)>> {
-        let path = if arg == "~" || arg.starts_with("~/") {
-            self.dir(Anchor::Home)?
-                .join(arg[1..].trim_start_matches('/'))
+    /// Where a `persist` argument points, without following anything:
+    /// `.` parts and trailing slashes dropped (`link/` would make the kernel
+    /// follow the link before we could see it is one).
+    pub fn place(&self, arg: &str) -> Result<PathBuf> {
+        let (mut path, rest) = if arg == "~" || arg.starts_with("~/") {
+            (self.dir(Anchor::Home)?.to_path_buf(), &arg[1..])
+        } else if arg.starts_with('/') {
+            (PathBuf::from("/"), arg)
         } else {
-            self.workspace.join(arg)
+            (self.workspace.clone(), arg)
         };
+        for part in rest.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            path.push(part);
+        }
+        Ok(path)
+    }
+
+    /// Resolve a `persist` argument: `~`/`~/…`, absolute, or relative to
+    /// the working directory. `None` when it does not exist. Refuses what
+    /// may not be persisted (credential stores, forbidden places…).
+    pub fn resolve(&self, arg: &str) -> Result<Option<(SavedPath, PathBuf)>> {
+        let Some((saved, real)) = self.locate(arg)? else {
+            return Ok(None);
+        };
+        if let Some(tool) = credential_store(&saved.path) {
+            bail!(
+                "{arg} is or lies in a credential store ({tool}): ephemera never persists \
+                 credentials"
+            );
+        }
+        self.check_config_folder(&saved)?;
+        self.forbidden.check(&real, arg)?;
+        Ok(Some((saved, real)))
+    }
+
+    /// Where a `persist` argument is, relative to its anchor, and its real
+    /// path; `None` when it does not exist. Refuses links and places
+    /// outside the anchors, nothing else (for exclude rules).
+    pub fn locate(&self, arg: &str) -> Result<Option<(SavedPath, PathBuf)>> {
+        let path = self.place(arg)?;
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -124,9 +207,6 @@ impl Anchors {
             path: rel.to_string(),
         };
         check_plain(&saved.path)?;
-        if is_credential(&saved.path) {
-            bail!("{arg} looks like a credential store: ephemera never persists credentials");
-        }
         Ok(Some((saved, real)))
     }
 
@@ -151,6 +231,10 @@ impl Anchors {
                 dir.display()
             );
         }
+        let rest = target.strip_prefix(existing).expect("an ancestor");
+        self.forbidden
+            .check(&real.join(rest), &format!("entry path {saved}"))?;
+        self.check_config_folder(saved)?;
         Ok(target)
     }
 }
@@ -159,8 +243,8 @@ impl Anchors {
 /// paths that are not credential stores.
 pub fn check_saved(saved: &SavedPath) -> Result<()> {
     check_plain(&saved.path)?;
-    if is_credential(&saved.path) {
-        bail!("entry path {saved} is a credential store: refused");
+    if let Some(tool) = credential_store(&saved.path) {
+        bail!("entry path {saved} is a credential store ({tool}): refused");
     }
     Ok(())
 }
@@ -179,28 +263,6 @@ pub fn check_plain(path: &str) -> Result<()> {
         bail!("path {path:?} is not a plain relative path: refused");
     }
     Ok(())
-}
-
-/// Paths that usually hold credentials. Persisting them would hand secrets
-/// to whoever can read the store; restoring them could plant credentials.
-pub fn is_credential(rel: &str) -> bool {
-    let parts: Vec<&str> = rel.split('/').collect();
-    let dirs = [".ssh", ".gnupg", ".aws", ".kube", ".password-store"];
-    let files = [
-        ".netrc",
-        ".git-credentials",
-        ".npmrc",
-        ".pypirc",
-        ".pgpass",
-        "credentials",
-        "credentials.toml",
-    ];
-    parts.iter().any(|p| dirs.contains(p))
-        || parts.last().is_some_and(|f| files.contains(f))
-        || parts.windows(2).any(|w| w == [".docker", "config.json"])
-        || parts
-            .windows(3)
-            .any(|w| w == [".config", "gh", "hosts.yml"])
 }
 
 #[cfg(test)]
@@ -261,17 +323,16 @@ mod tests {
     }
 
     #[test]
-    fn credentials_are_recognised() {
-        for c in [
-            ".ssh/id_ed25519",
-            ".cargo/credentials.toml",
-            ".docker/config.json",
-            "x/.netrc",
-        ] {
-            assert!(is_credential(c), "{c}");
+    fn trailing_slashes_do_not_follow_links() {
+        let ws = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(ws.path().join("real")).unwrap();
+        std::os::unix::fs::symlink("real", ws.path().join("link")).unwrap();
+        let a = Anchors::new(ws.path(), None).unwrap();
+        for arg in ["link", "link/", "link//", "link/.", "./link/"] {
+            let err = a.resolve(arg).unwrap_err().to_string();
+            assert!(err.contains("symbolic link"), "{arg}: {err}");
         }
-        for c in [".cargo/registry/index", "target/debug/credentials.rs"] {
-            assert!(!is_credential(c), "{c}");
-        }
+        let (saved, _) = a.resolve("real/").unwrap().unwrap();
+        assert_eq!(saved.path, "real");
     }
 }

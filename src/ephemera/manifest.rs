@@ -16,6 +16,7 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use super::anchor::SavedPath;
+use super::check_name;
 use super::key::KeyInputs;
 use super::scope::split_scope;
 use super::store::{Listed, Store};
@@ -39,6 +40,9 @@ pub struct Manifest {
     pub unpacked_size: u64,
     pub entries: u64,
     pub paths: Vec<SavedPath>,
+    /// The rules that picked the files in `paths`, when not just the paths.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<String>,
     pub created_at: String,
     pub created_by: CreatedBy,
 }
@@ -129,6 +133,9 @@ pub fn tombstone_key(scope: &str, name: &str, id: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub manifest: Manifest,
+    /// The scope its manifest lies in (the manifest's own `scope` field
+    /// agrees, or it would not be an entry).
+    pub scope: String,
     /// Its manifest's store key.
     pub path: String,
     pub last_used: SystemTime,
@@ -136,14 +143,24 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Keys are derived from where the manifest lies, never from what it
+    /// says, so no entry can name another scope's objects.
     pub fn used_key(&self) -> String {
         let m = &self.manifest;
-        used_key(&m.scope, &m.name, &m.key, &m.id)
+        used_key(&self.scope, &m.name, &m.key, &m.id)
     }
 
     pub fn blob_key(&self) -> String {
-        blob_key(&self.manifest.scope, &self.manifest.sha256)
+        blob_key(&self.scope, &self.manifest.sha256)
     }
+}
+
+/// An object in a scope that is not what its place says (a manifest whose
+/// fields disagree with its key, an unknown object…), with the reason.
+#[derive(Debug, Clone)]
+pub struct Junk {
+    pub listed: Listed,
+    pub reason: String,
 }
 
 /// Everything stored in one scope.
@@ -156,8 +173,9 @@ pub struct ScopeIndex {
     pub blobs: Vec<Listed>,
     /// Last-use markers (also those whose entry is gone).
     pub used: Vec<Listed>,
-    /// Objects that are not what their place says (unreadable manifests…).
-    pub junk: Vec<Listed>,
+    /// Objects that are not what their place says (forged or unreadable
+    /// manifests…): never acted upon.
+    pub junk: Vec<Junk>,
 }
 
 impl ScopeIndex {
@@ -179,8 +197,52 @@ impl ScopeIndex {
     }
 }
 
+/// Largest manifest or tombstone read; anything bigger is not one of ours
+/// (a manifest lists a few paths and key files).
+const MAX_MANIFEST: u64 = 1 << 20;
+
+/// Why a manifest read from `key` in `scope` is not an entry, if it is not.
+fn refuse_manifest(m: &Manifest, scope: &str, key: &str) -> Option<String> {
+    let id_ok =
+        m.id.split_once('-')
+            .is_some_and(|(t, p)| t.len() == 20 && [t, p].iter().all(|x| digits(x)));
+    if m.scope != scope {
+        Some(format!(
+            "it says scope {:?} but lies in scope {scope}",
+            shorten(&m.scope)
+        ))
+    } else if m.format != MANIFEST_FORMAT {
+        Some(format!("unknown manifest format {}", m.format))
+    } else if check_name(&m.name).is_err() || !is_sha256(&m.key) || !id_ok {
+        Some("its name, key or id is not valid".into())
+    } else if key != entry_key(scope, &m.name, &m.key, &m.id) {
+        Some("its name, key or id disagree with its place".into())
+    } else if !is_sha256(&m.sha256) {
+        Some("its sha256 is not valid".into())
+    } else {
+        None
+    }
+}
+
+fn digits(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// At most 200 characters of `s`, for messages about untrusted names.
+pub fn shorten(s: &str) -> String {
+    const MAX: usize = 200;
+    match s.char_indices().nth(MAX) {
+        None => s.to_string(),
+        Some((cut, _)) => format!("{}… ({} bytes)", &s[..cut], s.len()),
+    }
+}
+
 /// Load the scopes below `prefix` ("" for the whole store, or a scope's or
 /// pipeline's prefix). With `name`, only that set's manifests are read.
+///
+/// What an object's place says is authoritative: a manifest or tombstone
+/// whose fields disagree with its key is junk, never an entry, and an
+/// entry's other objects are found from its place.
 pub async fn load(store: &Store, prefix: &str, name: Option<&str>) -> Result<Vec<ScopeIndex>> {
     let mut scopes: HashMap<String, ScopeIndex> = HashMap::new();
     let mut manifests = Vec::new();
@@ -196,6 +258,10 @@ pub async fn load(store: &Store, prefix: &str, name: Option<&str>) -> Result<Vec
                 ..Default::default()
             });
         let parts: Vec<&str> = rest.split('/').collect();
+        let junk = |reason: &str| Junk {
+            listed: obj.clone(),
+            reason: reason.to_string(),
+        };
         match parts.as_slice() {
             ["entries", n, _, file] if file.ends_with(".json") => {
                 if name.is_none_or(|want| want == *n) {
@@ -210,30 +276,43 @@ pub async fn load(store: &Store, prefix: &str, name: Option<&str>) -> Result<Vec
                 if name.is_some_and(|want| want != *n) {
                     continue;
                 }
-                match read_json::<Tombstone>(store, &obj.key).await? {
-                    Some(t) if t.name == *n && format!("{}.json", t.id) == *file => {
+                match read_json::<Tombstone>(store, &obj).await? {
+                    Read::Gone => {}
+                    Read::Bad(reason) => index.junk.push(junk(&reason)),
+                    Read::Ok(t) if t.name == *n && format!("{}.json", t.id) == *file => {
                         index.tombstones.push((obj, t));
                     }
-                    _ => index.junk.push(obj),
+                    Read::Ok(_) => {
+                        index
+                            .junk
+                            .push(junk("its name or id disagree with its place"));
+                    }
                 }
             }
             ["blobs", file] if file.ends_with(".tar.zst") => index.blobs.push(obj),
-            _ => index.junk.push(obj),
+            _ => index.junk.push(junk("nothing of ephemera's lies there")),
         }
     }
     for obj in manifests {
         let (scope, rest) = split_scope(&obj.key).expect("checked above");
         let index = scopes.get_mut(scope).expect("created above");
-        let m = match read_json::<Manifest>(store, &obj.key).await? {
-            // The manifest must say what its place says, or a copy put
-            // elsewhere would be taken for an entry of another scope.
-            Some(m)
-                if obj.key == entry_key(scope, &m.name, &m.key, &m.id) && is_sha256(&m.sha256) =>
-            {
-                m
-            }
-            _ => {
-                index.junk.push(obj);
+        let m = match read_json::<Manifest>(store, &obj).await? {
+            Read::Gone => continue,
+            Read::Ok(m) => match refuse_manifest(&m, scope, &obj.key) {
+                None => m,
+                Some(reason) => {
+                    index.junk.push(Junk {
+                        listed: obj,
+                        reason,
+                    });
+                    continue;
+                }
+            },
+            Read::Bad(reason) => {
+                index.junk.push(Junk {
+                    listed: obj,
+                    reason,
+                });
                 continue;
             }
         };
@@ -242,6 +321,7 @@ pub async fn load(store: &Store, prefix: &str, name: Option<&str>) -> Result<Vec
         let last_used = used.get(marker).copied().unwrap_or(obj.modified);
         index.entries.push(Entry {
             manifest: m,
+            scope: scope.to_string(),
             path: obj.key,
             last_used,
             tombstoned: false,
@@ -281,13 +361,27 @@ pub async fn load_scope(store: &Store, scope: &str, name: Option<&str>) -> Resul
         }))
 }
 
-/// `None` when the object is gone or is not valid JSON of that shape; a
-/// store that cannot be read is an error (never a reason to delete).
-async fn read_json<T: for<'de> Deserialize<'de>>(store: &Store, key: &str) -> Result<Option<T>> {
-    Ok(store
-        .get(key)
-        .await?
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok()))
+enum Read<T> {
+    Ok(T),
+    /// Deleted since it was listed (a concurrent gc or eviction).
+    Gone,
+    /// Too big, or not JSON of that shape.
+    Bad(String),
+}
+
+/// A store that cannot be read is an error (never a reason to delete).
+async fn read_json<T: for<'de> Deserialize<'de>>(store: &Store, obj: &Listed) -> Result<Read<T>> {
+    if obj.size > MAX_MANIFEST {
+        return Ok(Read::Bad(format!("it is bigger than {MAX_MANIFEST} bytes")));
+    }
+    Ok(match store.get_capped(&obj.key, MAX_MANIFEST).await? {
+        None => Read::Gone,
+        Some(None) => Read::Bad(format!("it is bigger than {MAX_MANIFEST} bytes")),
+        Some(Some(bytes)) => match serde_json::from_slice(&bytes) {
+            Ok(v) => Read::Ok(v),
+            Err(_) => Read::Bad("it is not a valid manifest or tombstone".into()),
+        },
+    })
 }
 
 pub fn is_sha256(s: &str) -> bool {

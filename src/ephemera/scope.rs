@@ -18,8 +18,12 @@ pub enum Kind {
     Pr { number: u64 },
     /// A pull request from another repository (a fork).
     Fork { repo: String, number: u64 },
-    /// Any other branch (or tag) pushed to the pipeline's repository.
+    /// Any other branch pushed to the pipeline's repository.
     Branch { name: String },
+    /// A tag build (`BUILDKITE_TAG` set). Never trusted, even when the tag
+    /// is named like the default branch: anyone who may push a tag would
+    /// otherwise write the trusted seed.
+    Tag { name: String },
 }
 
 /// A scope: one namespace of entries, per organisation and pipeline.
@@ -70,6 +74,8 @@ impl Scope {
                     number,
                 },
             }
+        } else if let Some(tag) = var("BUILDKITE_TAG") {
+            Kind::Tag { name: tag }
         } else {
             let branch = need("BUILDKITE_BRANCH")?;
             match var("BUILDKITE_PIPELINE_DEFAULT_BRANCH") {
@@ -105,6 +111,7 @@ impl Scope {
             Kind::Pr { number } => format!("{base}/pr/{number}"),
             Kind::Fork { repo, number } => format!("{base}/fork/{}/{number}", component(repo)),
             Kind::Branch { name } => format!("{base}/branch/{}", component(name)),
+            Kind::Tag { name } => format!("{base}/tag/{}", component(name)),
         }
     }
 
@@ -113,10 +120,12 @@ impl Scope {
         match &self.kind {
             Kind::Trusted if policy.trusted_restore => vec![self.clone()],
             Kind::Trusted => vec![],
-            Kind::Pr { .. } | Kind::Branch { .. } if policy.seed => {
+            Kind::Pr { .. } | Kind::Branch { .. } | Kind::Tag { .. } if policy.seed => {
                 vec![self.clone(), self.trusted()]
             }
-            Kind::Pr { .. } | Kind::Branch { .. } | Kind::Fork { .. } => vec![self.clone()],
+            Kind::Pr { .. } | Kind::Branch { .. } | Kind::Tag { .. } | Kind::Fork { .. } => {
+                vec![self.clone()]
+            }
         }
     }
 
@@ -142,7 +151,7 @@ pub fn split_scope(key: &str) -> Option<(&str, &str)> {
     let parts: Vec<&str> = key.splitn(6, '/').collect();
     let kind_len = match *parts.get(2)? {
         "trusted" => 1,
-        "pr" | "branch" => 2,
+        "pr" | "branch" | "tag" => 2,
         "fork" => 3,
         _ => return None,
     };
@@ -279,6 +288,22 @@ mod tests {
         ])
         .unwrap();
         assert!(!unsure.is_trusted());
+
+        // A tag named like the default branch is a tag, not the default
+        // branch (the agent sets BUILDKITE_BRANCH to the tag's name).
+        let tag = scope(&[("BUILDKITE_BRANCH", "main"), ("BUILDKITE_TAG", "main")]).unwrap();
+        assert_eq!(
+            tag.kind,
+            Kind::Tag {
+                name: "main".into()
+            }
+        );
+        assert_eq!(tag.prefix(), "acme/depot/tag/main");
+        assert!(!tag.is_trusted());
+        assert_eq!(
+            split_scope("acme/depot/tag/main/blobs/x"),
+            Some(("acme/depot/tag/main", "blobs/x"))
+        );
 
         assert!(scope(&[("BUILDKITE_BRANCH", "x"), ("BUILDKITE_PULL_REQUEST", "abc")]).is_err());
         assert!(Scope::from_env(|_| None).is_err());

@@ -6,7 +6,7 @@
 //! command goes through [`crate::pipeline::text::exact`] as a whole before
 //! it is uploaded ([`wrap_script`] does that).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
@@ -20,17 +20,21 @@ use crate::pipeline::text::{self, shell_word as quote};
 /// ```nix
 /// ephemera = [
 ///   { name = "cargo-home"; paths = [ "~/.cargo/registry" "~/.cargo/git" ];
-///     keyFiles = [ "Cargo.lock" ]; }
-///   { name = "target"; paths = [ "target" ]; keyFiles = [ "Cargo.lock" ];
-///     salt = "2"; keyDrv = pkgs.rustc.drvPath; }
+///     keyFiles = [ "Cargo.lock" ]; fallback = true; }
+///   { name = "target"; paths = [ "target/**" "!target/tmp/**" ];
+///     keyFiles = [ "Cargo.lock" ]; salt = "2"; keyDrv = pkgs.rustc.drvPath; }
 /// ];
 /// ```
+///
+/// The script sees how each restore went in `DRVKITE_EPHEMERA_<SET>_STATUS`
+/// (`exact`, `fallback` or `miss`; see [`status_variable`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EphemeraSet {
     /// The set's name: letters, digits, `.`, `_`, `-`.
     pub name: String,
-    /// Relative to the checkout, or `~/…` for the agent's home.
+    /// Paths or rules (see [`crate::ephemera::rules`]), relative to the
+    /// checkout, or `~/…` for the agent's home.
     pub paths: Vec<String>,
     /// Files (relative to the checkout) whose contents are part of the key.
     #[serde(default)]
@@ -41,6 +45,26 @@ pub struct EphemeraSet {
     /// A derivation path (e.g. the toolchain's) that is part of the key.
     #[serde(default)]
     pub key_drv: Option<String>,
+    /// When no entry has the current key, restore the newest under any key.
+    #[serde(default)]
+    pub fallback: bool,
+}
+
+/// The variable that tells a step's script how the restore of set `name`
+/// went: `DRVKITE_EPHEMERA_` and the name in capitals with `.` and `-` as
+/// `_`, then `_STATUS`.
+pub fn status_variable(name: &str) -> String {
+    let set: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("DRVKITE_EPHEMERA_{set}_STATUS")
 }
 
 /// Shell lines for a step's `command`, calling `drvkite` from `PATH`:
@@ -65,10 +89,23 @@ pub fn step_commands(sets: &[EphemeraSet]) -> Result<(String, String)> {
 /// `${DRVKITE:-drvkite}`; inserted as it is, so it must be valid shell).
 pub fn step_commands_with(program: &str, sets: &[EphemeraSet]) -> Result<(String, String)> {
     let mut names = HashSet::new();
+    let mut variables = HashMap::new();
     for set in sets {
         check_name(&set.name)?;
         if !names.insert(&set.name) {
             bail!("ephemera set {} is listed twice in one step", set.name);
+        }
+        if let Some(other) = variables.insert(status_variable(&set.name), &set.name) {
+            bail!(
+                "ephemera sets {other} and {} would both tell the script their status in {}: \
+                 rename one",
+                set.name,
+                status_variable(&set.name)
+            );
+        }
+        for path in &set.paths {
+            crate::ephemera::rules::parse(path)
+                .map_err(|e| anyhow::anyhow!("ephemera set {}: {e:#}", set.name))?;
         }
         if set.paths.is_empty() {
             bail!(
@@ -106,15 +143,22 @@ pub fn step_commands_with(program: &str, sets: &[EphemeraSet]) -> Result<(String
         }
         flags
     };
-    let mut restore = String::new();
+    // Each restore writes how it went to a file; the script gets it in a
+    // variable.
+    let mut restore = String::from("drvkite_ephemera_status_file=\"$(mktemp)\"\n");
     let mut persist = String::from(
         "drvkite_ephemera_status=$?\n\
          if [ \"$drvkite_ephemera_status\" -ne 0 ]; then exit \"$drvkite_ephemera_status\"; fi\n",
     );
     for set in sets {
         let flags = key_flags(set);
+        let variable = status_variable(&set.name);
         restore.push_str(&format!(
-            "{program} ephemera restore{flags} -- {}\n",
+            "{program} ephemera restore --status-file=\"$drvkite_ephemera_status_file\"{}{flags} \
+             -- {}\n\
+             {variable}=\"$(cat \"$drvkite_ephemera_status_file\")\"\n\
+             export {variable}\n",
+            if set.fallback { " --fallback" } else { "" },
             quote(&set.name)
         ));
         let paths: Vec<String> = set.paths.iter().map(|p| quote(p)).collect();
@@ -124,6 +168,7 @@ pub fn step_commands_with(program: &str, sets: &[EphemeraSet]) -> Result<(String
             paths.join(" ")
         ));
     }
+    restore.push_str("rm -f \"$drvkite_ephemera_status_file\"\n");
     Ok((restore, persist))
 }
 
@@ -151,6 +196,7 @@ mod tests {
             key_files: vec![],
             salt: String::new(),
             key_drv: None,
+            fallback: false,
         }
     }
 
@@ -160,9 +206,14 @@ mod tests {
         s.key_files = vec!["Cargo.lock".into()];
         s.salt = "v$1".into();
         let (restore, persist) = step_commands(&[s]).unwrap();
-        assert_eq!(
-            restore,
-            "drvkite ephemera restore --key-file='Cargo.lock' --salt='v$1' -- 'cargo'\n"
+        assert!(
+            restore.contains(
+                "drvkite ephemera restore --status-file=\"$drvkite_ephemera_status_file\" \
+                 --key-file='Cargo.lock' --salt='v$1' -- 'cargo'\n\
+                 DRVKITE_EPHEMERA_CARGO_STATUS=\"$(cat \"$drvkite_ephemera_status_file\")\"\n\
+                 export DRVKITE_EPHEMERA_CARGO_STATUS\n"
+            ),
+            "{restore}"
         );
         assert!(persist.starts_with("drvkite_ephemera_status=$?\n"));
         assert!(persist.ends_with(
@@ -181,6 +232,17 @@ mod tests {
         assert!(step_commands(&[set("a", &[])]).is_err());
         assert!(step_commands(&[set("a", &["x"]), set("a", &["y"])]).is_err());
         assert!(step_commands(&[set("a", &["x\ny"])]).is_err());
+        // Rules are checked too, and status variables must not clash.
+        assert!(step_commands(&[set("a", &["**/*.o"])]).is_err());
+        assert!(step_commands(&[set("a-b", &["x"]), set("a.b", &["y"])]).is_err());
+        assert_eq!(
+            status_variable("cargo-home.v2"),
+            "DRVKITE_EPHEMERA_CARGO_HOME_V2_STATUS"
+        );
+        let mut warm = set("w", &["cache/**", "!cache/tmp/**"]);
+        warm.fallback = true;
+        let (restore, _) = step_commands(&[warm]).unwrap();
+        assert!(restore.contains(" --fallback -- 'w'\n"), "{restore}");
         assert_eq!(step_commands(&[]).unwrap(), (String::new(), String::new()));
         assert_eq!(wrap_script(&[], "make").unwrap(), "make");
     }

@@ -2,6 +2,7 @@
 //! store paths, and small wrappers around real Nix and git.
 #![allow(dead_code)]
 
+pub mod ephemera;
 pub mod schema;
 pub mod upload;
 

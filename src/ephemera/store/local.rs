@@ -37,6 +37,10 @@ impl LocalStore {
         })
     }
 
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     fn path(&self, key: &str) -> PathBuf {
         self.root.join(key)
     }
@@ -98,17 +102,36 @@ impl LocalStore {
         Ok(true)
     }
 
-    pub fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
+    /// Files below `prefix`. Entries that vanish while listed (a
+    /// concurrent gc or eviction) are simply not there; names that are not
+    /// UTF-8 and folders that cannot be read are reported in `odd`.
+    pub fn list(&self, prefix: &str, odd: &mut Vec<String>) -> Result<Vec<Listed>> {
+        self.list_with(prefix, odd, |e| e.metadata())
+    }
+
+    /// [`LocalStore::list`] reading each entry's metadata with `stat`.
+    fn list_with(
+        &self,
+        prefix: &str,
+        odd: &mut Vec<String>,
+        stat: impl Fn(&walkdir::DirEntry) -> walkdir::Result<fs::Metadata>,
+    ) -> Result<Vec<Listed>> {
         let dir = if prefix.is_empty() {
             self.root.clone()
         } else {
             self.path(prefix)
         };
+        let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
         let mut out = Vec::new();
         for entry in walkdir::WalkDir::new(&dir).follow_links(false) {
             let entry = match entry {
                 Ok(e) => e,
-                Err(e) if e.io_error().map(io::Error::kind) == Some(io::ErrorKind::NotFound) => {
+                Err(e) if e.io_error().is_some_and(gone) => continue,
+                Err(e) if e.depth() > 0 => {
+                    odd.push(format!(
+                        "{} ({e})",
+                        e.path().map_or(String::new(), |p| p.display().to_string())
+                    ));
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -120,8 +143,15 @@ impl LocalStore {
                 continue;
             }
             let rel = entry.path().strip_prefix(&self.root).expect("below root");
-            let Some(key) = rel.to_str() else { continue };
-            let meta = entry.metadata()?;
+            let Some(key) = rel.to_str() else {
+                odd.push(format!("{:?}", rel.to_string_lossy()));
+                continue;
+            };
+            let meta = match stat(&entry) {
+                Ok(m) => m,
+                Err(e) if e.io_error().is_some_and(gone) => continue,
+                Err(e) => return Err(e.into()),
+            };
             out.push(Listed {
                 key: key.to_string(),
                 size: meta.len(),
@@ -160,7 +190,7 @@ mod tests {
         store.put("a/u", b"2").unwrap();
         assert_eq!(store.get("a/u").unwrap().unwrap(), b"2");
         let mut keys: Vec<String> = store
-            .list("a")
+            .list("a", &mut Vec::new())
             .unwrap()
             .into_iter()
             .map(|l| l.key)
@@ -175,6 +205,33 @@ mod tests {
         assert_eq!(all, 0);
         assert!(store.get("missing").unwrap().is_none());
         store.delete("missing").unwrap();
-        assert!(store.list("nothing/here").unwrap().is_empty());
+        assert!(
+            store
+                .list("nothing/here", &mut Vec::new())
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn objects_vanishing_while_listed_are_simply_not_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path()).unwrap();
+        for key in ["s/a", "s/b", "s/c"] {
+            store.put(key, b"x").unwrap();
+        }
+        // A concurrent gc removes b between reading the folder and looking
+        // at b.
+        let listed = store
+            .list_with("s", &mut Vec::new(), |e| {
+                if e.file_name() == "b" {
+                    fs::remove_file(e.path()).unwrap();
+                }
+                e.metadata()
+            })
+            .unwrap();
+        let mut keys: Vec<String> = listed.into_iter().map(|l| l.key).collect();
+        keys.sort();
+        assert_eq!(keys, ["s/a", "s/c"]);
     }
 }

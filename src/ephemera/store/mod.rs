@@ -13,6 +13,9 @@ use std::time::SystemTime;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
+use super::manifest::shorten;
+use super::scope::split_scope;
+
 /// One stored object, as a listing shows it.
 #[derive(Debug, Clone)]
 pub struct Listed {
@@ -91,6 +94,26 @@ impl Store {
         .with_context(|| format!("cannot read {}", self.location(key)))
     }
 
+    /// An object of at most `max` bytes: `None` if it does not exist,
+    /// `Some(None)` if it is bigger (only `max + 1` bytes are read).
+    pub async fn get_capped(&self, key: &str, max: u64) -> Result<Option<Option<Vec<u8>>>> {
+        check_key(key)?;
+        let mut buf = Capped {
+            bytes: Vec::new(),
+            max,
+            over: false,
+        };
+        let found = match self {
+            Store::Local(s) => s.download(key, &mut buf),
+            Store::S3(s) => s.download(key, &mut buf).await,
+        };
+        if buf.over {
+            return Ok(Some(None));
+        }
+        let found = found.with_context(|| format!("cannot read {}", self.location(key)))?;
+        Ok(found.then_some(Some(buf.bytes)))
+    }
+
     /// Copy an object into `out`; `false` if it does not exist.
     pub async fn download<W: Write>(&self, key: &str, out: &mut W) -> Result<bool> {
         check_key(key)?;
@@ -102,15 +125,40 @@ impl Store {
     }
 
     /// Everything below `prefix` (a folder-like prefix; "" for all).
+    /// Objects whose keys this tool would never write (empty parts, `.`,
+    /// `..`, control characters, not UTF-8) are left out with a warning:
+    /// one such object must not make a whole listing fail.
     pub async fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
         if !prefix.is_empty() {
             check_key(prefix)?;
         }
-        match self {
-            Store::Local(s) => s.list(prefix),
-            Store::S3(s) => s.list(prefix).await,
+        let mut odd = Vec::new();
+        let listed = match self {
+            Store::Local(s) => s.list(prefix, &mut odd),
+            Store::S3(s) => s.list(prefix, &mut odd).await,
         }
-        .with_context(|| format!("cannot list {}", self.location(prefix)))
+        .with_context(|| format!("cannot list {}", self.location(prefix)))?;
+        let mut kept = Vec::with_capacity(listed.len());
+        for obj in listed {
+            match check_key(&obj.key) {
+                Ok(()) => kept.push(obj),
+                Err(_) => odd.push(format!("{:?}", shorten(&obj.key))),
+            }
+        }
+        const SHOWN: usize = 10;
+        for what in odd.iter().take(SHOWN) {
+            eprintln!(
+                "ephemera: warning: skipping {what} in {}: not a key ephemera writes",
+                self.location(prefix)
+            );
+        }
+        if odd.len() > SHOWN {
+            eprintln!(
+                "ephemera: warning: skipping {} more such objects",
+                odd.len() - SHOWN
+            );
+        }
+        Ok(kept)
     }
 
     /// Remove an object; a missing one is not an error.
@@ -123,12 +171,74 @@ impl Store {
         .with_context(|| format!("cannot delete {}", self.location(key)))
     }
 
+    /// The folder of a local store (`None` for a bucket).
+    pub fn local_root(&self) -> Option<&Path> {
+        match self {
+            Store::Local(s) => Some(s.root()),
+            Store::S3(_) => None,
+        }
+    }
+
     /// Where an object is, for people: a file path or an s3:// URL.
     pub fn location(&self, key: &str) -> String {
         match self {
             Store::Local(s) => s.location(key),
             Store::S3(s) => s.location(key),
         }
+    }
+}
+
+/// The store as one job may change it: only objects inside its own scope
+/// prefix. Every write, replacement and deletion a job makes (persist,
+/// eviction, use marks, tombstones) goes through this, so no entry, however
+/// forged, can steer a job into another scope.
+pub struct Scoped<'a> {
+    store: &'a Store,
+    scope: String,
+}
+
+impl<'a> Scoped<'a> {
+    pub fn new(store: &'a Store, scope: String) -> Scoped<'a> {
+        Scoped { store, scope }
+    }
+
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
+    pub fn store(&self) -> &'a Store {
+        self.store
+    }
+
+    fn check(&self, key: &str) -> Result<()> {
+        match split_scope(key) {
+            Some((scope, _)) if scope == self.scope => Ok(()),
+            _ => bail!(
+                "internal error: {} lies outside the job's scope {}",
+                shorten(key),
+                self.scope
+            ),
+        }
+    }
+
+    pub async fn put_file(&self, key: &str, src: &Path) -> Result<()> {
+        self.check(key)?;
+        self.store.put_file(key, src).await
+    }
+
+    pub async fn create(&self, key: &str, bytes: Vec<u8>) -> Result<bool> {
+        self.check(key)?;
+        self.store.create(key, bytes).await
+    }
+
+    pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
+        self.check(key)?;
+        self.store.put(key, bytes).await
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        self.check(key)?;
+        self.store.delete(key).await
     }
 }
 
@@ -144,6 +254,28 @@ fn check_key(key: &str) -> Result<()> {
         bail!("internal error: unsafe store key {key:?}");
     }
     Ok(())
+}
+
+/// A writer into memory that stops at a cap.
+struct Capped {
+    bytes: Vec<u8>,
+    max: u64,
+    over: bool,
+}
+
+impl Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.bytes.len() as u64 + buf.len() as u64 > self.max {
+            self.over = true;
+            return Err(io::Error::other("the object is bigger than expected"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A writer that hashes and counts what goes through it and refuses to
@@ -202,6 +334,29 @@ mod tests {
             assert!(check_key(bad).is_err(), "{bad:?}");
         }
         assert!(check_key("o/p/pr/1/blobs/ab.tar.zst").is_ok());
+    }
+
+    #[test]
+    fn a_job_changes_only_its_own_scope() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().display().to_string(), &S3Options::default()).unwrap();
+        let job = Scoped::new(&store, "o/p/pr/5".into());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            job.put("o/p/pr/5/used/a/b/c", b"1".to_vec()).await.unwrap();
+            for key in [
+                "o/p/trusted/used/a/b/c",
+                "o/p/pr/50/used/a/b/c",
+                "o/p/pr/5",
+                "o/p/pr/6/blobs/x.tar.zst",
+            ] {
+                assert!(job.put(key, b"1".to_vec()).await.is_err(), "{key}");
+                assert!(job.delete(key).await.is_err(), "{key}");
+                assert!(job.create(key, b"1".to_vec()).await.is_err(), "{key}");
+            }
+        });
     }
 
     #[test]

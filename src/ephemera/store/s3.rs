@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::buffered::BufWriter;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutPayload};
 use tokio::io::AsyncWriteExt;
 
 use super::{Listed, S3Options};
@@ -122,36 +122,84 @@ impl S3Store {
         Ok(true)
     }
 
-    pub async fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
-        let full = self.full(prefix);
-        let base = if full.is_empty() {
+    /// Objects below `prefix`. One object whose key the client cannot
+    /// represent (an empty part, `.`, `..`, a control character) makes a
+    /// whole listing page fail; then the prefix is listed folder by folder
+    /// so only the folder holding it is left out (reported in `odd`).
+    pub async fn list(&self, prefix: &str, odd: &mut Vec<String>) -> Result<Vec<Listed>> {
+        let mut out = Vec::new();
+        // (prefix, try a flat listing first)
+        let mut pending = vec![(prefix.to_string(), true)];
+        while let Some((p, flat)) = pending.pop() {
+            if flat {
+                match self.list_flat(&p).await {
+                    Ok(found) => out.extend(found),
+                    Err(e) if unreadable_key(&e) => pending.push((p, false)),
+                    Err(e) => return Err(e.into()),
+                }
+                continue;
+            }
+            let base = if p.is_empty() {
+                None
+            } else {
+                Some(self.path(&p)?)
+            };
+            match self.store.list_with_delimiter(base.as_ref()).await {
+                Ok(level) => {
+                    for meta in level.objects {
+                        if let Some(l) = self.listed(meta) {
+                            out.push(l);
+                        }
+                    }
+                    for sub in level.common_prefixes {
+                        if let Some(k) = self.relative(sub.as_ref()) {
+                            pending.push((k.to_string(), true));
+                        }
+                    }
+                }
+                Err(e) if unreadable_key(&e) => {
+                    odd.push(format!("an object in {}/ ({e})", self.location(&p)));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn list_flat(&self, prefix: &str) -> object_store::Result<Vec<Listed>> {
+        let base = if prefix.is_empty() {
             None
         } else {
-            Some(self.path(prefix)?)
+            Some(ObjectPath::parse(self.full(prefix))?)
         };
         let mut stream = self.store.list(base.as_ref());
         let mut out = Vec::new();
         while let Some(meta) = stream.next().await {
-            let meta = meta?;
-            let location = meta.location.as_ref();
-            let key = if self.prefix.is_empty() {
-                location
-            } else {
-                match location
-                    .strip_prefix(self.prefix.as_str())
-                    .and_then(|k| k.strip_prefix('/'))
-                {
-                    Some(k) => k,
-                    None => continue,
-                }
-            };
-            out.push(Listed {
-                key: key.to_string(),
-                size: meta.size,
-                modified: meta.last_modified.into(),
-            });
+            if let Some(l) = self.listed(meta?) {
+                out.push(l);
+            }
         }
         Ok(out)
+    }
+
+    /// A key relative to the store's prefix, if it lies below it.
+    fn relative<'a>(&self, location: &'a str) -> Option<&'a str> {
+        if self.prefix.is_empty() {
+            Some(location)
+        } else {
+            location
+                .strip_prefix(self.prefix.as_str())
+                .and_then(|k| k.strip_prefix('/'))
+        }
+    }
+
+    fn listed(&self, meta: ObjectMeta) -> Option<Listed> {
+        let key = self.relative(meta.location.as_ref())?;
+        Some(Listed {
+            key: key.to_string(),
+            size: meta.size,
+            modified: meta.last_modified.into(),
+        })
     }
 
     pub async fn delete(&self, key: &str) -> Result<()> {
@@ -164,4 +212,11 @@ impl S3Store {
     pub fn location(&self, key: &str) -> String {
         format!("s3://{}/{}", self.bucket, self.full(key))
     }
+}
+
+/// Did listing fail because of an object's key (which the client cannot
+/// parse) rather than the store?
+fn unreadable_key(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::InvalidPath { .. })
+        || e.to_string().contains("invalid list response")
 }
