@@ -1,3 +1,6 @@
+//! The `drvkite` binary: parse the command line, run it through
+//! `drvkite::cli`, and print any error on one line.
+
 use std::process::ExitCode;
 
 use clap::Parser;

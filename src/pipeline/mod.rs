@@ -1,143 +1,36 @@
 //! Rendering: turn evaluated targets into Buildkite steps, grouped by phase
 //! and cut into chunks that `buildkite-agent pipeline upload` accepts.
+//!
+//! This module decides (which targets are built, what each step waits
+//! for) and renders build steps and broken targets' steps; [`extra`]
+//! renders extra steps, [`command`] the shell commands, [`text`] every
+//! string as the upload reads it; `parent` is the parent map, `summary`
+//! what `summary.json` says, `write` the pipeline folder.
 
 pub mod checkout;
 pub mod command;
 pub mod extra;
+mod parent;
 pub mod settings;
+mod summary;
 pub mod text;
+mod write;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use anyhow::{Context, Result};
-use camino::Utf8Path;
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use crate::drvmap::DrvMap;
 use crate::eval::{BrokenKind, BrokenTarget, Evaluation, Target};
 use crate::graph::DrvGraph;
 use crate::types::{DrvPath, Label, StepKey};
+pub use parent::{ParentMap, ParentStatus, require_parent_map};
 pub use settings::Settings;
+pub use summary::{BrokenSummary, CachedSummary, ParentSummary, Summary, counted};
+pub use write::{check_output, chunk, write, write_with};
 
 /// The reason Buildkite shows on skipped build steps (TVL's text).
 pub const UNCHANGED: &str = "Target has not changed.";
-
-/// The parent build's derivation map, or why there is none.
-#[derive(Debug, Default, Clone)]
-pub struct ParentMap {
-    pub map: Option<DrvMap>,
-    pub status: ParentStatus,
-    /// Provenance written by `drvkite parent-map fetch` next to the map.
-    pub source: Option<Value>,
-}
-
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ParentStatus {
-    Used,
-    #[default]
-    None,
-    Invalid,
-}
-
-impl ParentMap {
-    /// Load a parent map. Anything wrong with it is a warning, never an
-    /// error: without a trustworthy map everything is built, and nothing is
-    /// skipped wrongly.
-    pub fn load(path: Option<&Utf8Path>) -> (Self, Option<String>) {
-        let Some(path) = path else {
-            return (ParentMap::default(), None);
-        };
-        if !path.exists() {
-            let msg = format!("parent map {path} does not exist: building every target");
-            return (ParentMap::default(), Some(msg));
-        }
-        let source_path = format!("{path}.source.json");
-        let source = std::fs::read(&source_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
-        match DrvMap::load(path) {
-            Ok(map) => (
-                ParentMap {
-                    map: Some(map),
-                    status: ParentStatus::Used,
-                    source,
-                },
-                None,
-            ),
-            Err(e) => (
-                ParentMap {
-                    map: None,
-                    status: ParentStatus::Invalid,
-                    source,
-                },
-                Some(format!(
-                    "ignoring the parent map: {e:#}; building every target"
-                )),
-            ),
-        }
-    }
-
-    /// Refuse a map that cannot be this depot's: it names targets, this
-    /// depot has targets, and not one label is in both (a map of another
-    /// depot, or of a depot so changed that nothing could be skipped).
-    /// Like any unusable map, it is a warning and everything is built.
-    pub fn check_against(&mut self, path: &Utf8Path, eval: &Evaluation) -> Option<String> {
-        let map = self.map.as_ref()?;
-        let mut ours = eval
-            .targets
-            .iter()
-            .map(|t| &t.label)
-            .chain(eval.broken.iter().map(|b| &b.label))
-            .peekable();
-        if map.is_empty() || ours.peek().is_none() || ours.any(|l| map.get(l).is_some()) {
-            return None;
-        }
-        let len = map.len();
-        self.map = None;
-        self.status = ParentStatus::Invalid;
-        Some(format!(
-            "ignoring the parent map {path}: none of its {len} labels is a target of this depot (is it another depot's map?); building every target"
-        ))
-    }
-
-    /// Whether the parent built this target's derivation.
-    pub fn unchanged(&self, label: &Label, drv: &DrvPath) -> bool {
-        self.map
-            .as_ref()
-            .and_then(|m| m.get(label))
-            .is_some_and(|e| &e.drv_path == drv)
-    }
-}
-
-/// `--require-parent-map`: the reason the parent map cannot be used (a
-/// warning from [`ParentMap`]) becomes an error.
-pub fn require_parent_map(required: bool, given: bool, warning: &Option<String>) -> Result<()> {
-    if !required {
-        return Ok(());
-    }
-    if !given {
-        anyhow::bail!(
-            "--require-parent-map (DRVKITE_REQUIRE_PARENT_MAP) needs a parent map: pass --parent-map FILE; nothing was written"
-        );
-    }
-    if let Some(w) = warning {
-        // The warning's wording, less what no longer happens.
-        let reason = w
-            .strip_suffix("; building every target")
-            .or_else(|| w.strip_suffix(": building every target"))
-            .unwrap_or(w);
-        let reason = match reason.strip_prefix("ignoring the parent map") {
-            Some(rest) => format!("parent map{}", rest.strip_prefix(':').unwrap_or(rest)),
-            None => reason.to_owned(),
-        };
-        anyhow::bail!(
-            "{reason}; --require-parent-map fails the run rather than build every target: check --parent-map; nothing was written"
-        );
-    }
-    Ok(())
-}
 
 /// Build-step facts an extra step needs about its parent.
 #[derive(Debug, Clone)]
@@ -155,91 +48,6 @@ pub struct Pipeline {
     pub summary: Summary,
     /// Time spent reading and analysing the derivation graph.
     pub graph_duration: std::time::Duration,
-}
-
-/// `summary.json`, which `drvkite annotate` reads back.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Summary {
-    pub version: u32,
-    pub targets: usize,
-    pub changed: Vec<Label>,
-    pub unchanged: usize,
-    pub added: Vec<Label>,
-    pub removed: Vec<Label>,
-    pub broken: Vec<BrokenSummary>,
-    pub extra_steps: usize,
-    pub steps: BTreeMap<String, usize>,
-    pub evaluation_seconds: f64,
-    pub parent_map: ParentSummary,
-    /// Targets skipped because a binary cache has them (`--skip-cached`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub cached: Vec<CachedSummary>,
-    /// The binary cache check, when it was on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cache_check: Option<crate::substitute::CheckSummary>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct CachedSummary {
-    pub label: Label,
-    pub cache: String,
-}
-
-impl Summary {
-    /// The counts for the line `drvkite pipeline` ends with. Without a
-    /// usable parent map nothing "changed": every target is to build.
-    pub fn counts(&self, chunk_files: usize) -> String {
-        let targets = match self.parent_map.status {
-            ParentStatus::Used => format!(
-                "{}, {} changed, {} unchanged",
-                counted(self.targets, "target"),
-                self.changed.len(),
-                self.unchanged
-            ),
-            ParentStatus::None | ParentStatus::Invalid => format!(
-                "{}, {} to build (no usable parent map)",
-                counted(self.targets, "target"),
-                self.changed.len()
-            ),
-        };
-        // Only when the check was on (bench/run.py reads "N cached, ").
-        let cached = match &self.cache_check {
-            Some(_) => format!(", {} cached", self.cached.len()),
-            None => String::new(),
-        };
-        format!(
-            "{}; {targets}{cached}, {}, {} broken; evaluation {:.1}s",
-            counted(chunk_files, "chunk file"),
-            counted(self.extra_steps, "extra step"),
-            self.broken.len(),
-            self.evaluation_seconds
-        )
-    }
-}
-
-/// "1 thing", "2 things".
-pub fn counted(n: usize, thing: &str) -> String {
-    if n == 1 {
-        format!("1 {thing}")
-    } else {
-        format!("{n} {thing}s")
-    }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct BrokenSummary {
-    pub label: Label,
-    pub error: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ParentSummary {
-    pub status: ParentStatus,
-    #[serde(default)]
-    pub detail: String,
-    #[serde(default)]
-    pub source: Option<Value>,
 }
 
 /// Steps that build the same derivation are one step: Buildkite keys must
@@ -709,200 +517,5 @@ fn summarise(
             })
             .collect(),
         cache_check: None,
-    }
-}
-
-/// How many jobs a step creates: a group counts its inner steps.
-fn job_weight(step: &Value) -> usize {
-    step.get("steps")
-        .and_then(Value::as_array)
-        .map_or(1, |s| s.len().max(1))
-}
-
-/// Cut a phase's steps into chunks of at most `size` jobs each.
-pub fn chunk(steps: &[Value], size: usize) -> Vec<Vec<Value>> {
-    chunk_ranges(steps, size)
-        .into_iter()
-        .map(|r| steps[r].to_vec())
-        .collect()
-}
-
-/// [`chunk`] as index ranges, so writing needs no copy of the steps.
-fn chunk_ranges(steps: &[Value], size: usize) -> Vec<std::ops::Range<usize>> {
-    let mut chunks = Vec::new();
-    let mut start = 0;
-    let mut weight = 0;
-    for (i, step) in steps.iter().enumerate() {
-        let w = job_weight(step);
-        if weight + w > size && i > start {
-            chunks.push(start..i);
-            start = i;
-            weight = 0;
-        }
-        weight += w;
-    }
-    if start < steps.len() {
-        chunks.push(start..steps.len());
-    }
-    chunks
-}
-
-/// A chunk file: `{"steps": [...]}`.
-#[derive(Serialize)]
-struct ChunkFile<'a> {
-    steps: &'a [Value],
-}
-
-#[derive(Debug, Serialize)]
-struct Manifest {
-    version: u32,
-    drvmap: &'static str,
-    summary: &'static str,
-    phases: Vec<ManifestPhase>,
-}
-
-#[derive(Debug, Serialize)]
-struct ManifestPhase {
-    name: String,
-    steps: usize,
-    chunks: Vec<String>,
-}
-
-/// Chunk file names sort in chunk order: `build-chunk-001.json`, … (TVL's
-/// unpadded numbers sorted 1, 10, 11, 2).
-fn chunk_name(phase: &str, n: usize, count: usize) -> String {
-    let width = count.to_string().len().max(3);
-    format!("{phase}-chunk-{n:0width$}.json")
-}
-
-/// Check before the (long) evaluation that the output folder can be
-/// written, so a mistake fails at once; `write` checks again.
-pub fn check_output(out: &Utf8Path) -> Result<()> {
-    if out.exists() && !out.is_dir() {
-        anyhow::bail!(
-            "cannot write the folder {out}: a file of that name is in the way; remove it or choose another output folder"
-        );
-    }
-    refuse_foreign_folder(out)?;
-    crate::atomic::check_writable(out)
-}
-
-/// The output folder is replaced as a whole: refuse to replace one that
-/// drvkite did not write (a mistyped `--out .` must not take the checkout).
-fn refuse_foreign_folder(out: &Utf8Path) -> Result<()> {
-    let Ok(mut entries) = out.read_dir_utf8() else {
-        return Ok(());
-    };
-    if entries.next().is_some() && !out.join("manifest.json").is_file() {
-        anyhow::bail!(
-            "output folder {out} holds files but no manifest.json, so drvkite did not write it and will not replace it: choose another --out, or empty the folder"
-        );
-    }
-    Ok(())
-}
-
-/// Write the pipeline folder: chunks, manifest, summary and derivation
-/// map, all at once: a reader sees the previous folder or the new one.
-pub fn write(
-    pipeline: &Pipeline,
-    drvmap: &DrvMap,
-    out: &Utf8Path,
-    chunk_size: usize,
-) -> Result<Vec<String>> {
-    write_with(pipeline, &drvmap.to_tvl_json(), out, chunk_size)
-}
-
-/// [`write`], with the derivation map serialised already (`drvmap.json`).
-pub fn write_with(
-    pipeline: &Pipeline,
-    drvmap_json: &str,
-    out: &Utf8Path,
-    chunk_size: usize,
-) -> Result<Vec<String>> {
-    refuse_foreign_folder(out)?;
-    let staged = crate::atomic::StagedDir::new(out)?;
-    let mut files = Vec::new();
-    let mut manifest = Manifest {
-        version: 1,
-        drvmap: "drvmap.json",
-        summary: "summary.json",
-        phases: Vec::new(),
-    };
-    let mut chunk_files: Vec<(String, ChunkFile)> = Vec::new();
-    for (phase, steps) in &pipeline.phases {
-        if steps.is_empty() {
-            continue;
-        }
-        let chunks = chunk_ranges(steps, chunk_size);
-        let mut names = Vec::new();
-        for (i, c) in chunks.iter().enumerate() {
-            let name = chunk_name(phase, i + 1, chunks.len());
-            let file = ChunkFile {
-                steps: &steps[c.clone()],
-            };
-            chunk_files.push((name.clone(), file));
-            names.push(name);
-        }
-        files.extend(names.iter().cloned());
-        manifest.phases.push(ManifestPhase {
-            name: phase.clone(),
-            steps: steps.len(),
-            chunks: names,
-        });
-    }
-    // Serialising the steps is most of writing: chunks are independent,
-    // so other threads take them while this one writes the rest.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    let write_chunks = |part: &[(String, ChunkFile)]| -> Result<()> {
-        part.iter()
-            .try_for_each(|(name, file)| staged.write(name, &text::to_vec(file)?))
-    };
-    std::thread::scope(|scope| -> Result<()> {
-        let per_thread = chunk_files.len().div_ceil(threads).max(1);
-        let handles: Vec<_> = chunk_files
-            .chunks(per_thread)
-            .map(|part| scope.spawn(move || write_chunks(part)))
-            .collect();
-        let own = staged.write("drvmap.json", drvmap_json.as_bytes());
-        for h in handles {
-            h.join().expect("a writing thread panicked")?;
-        }
-        own
-    })?;
-    staged.write(
-        "summary.json",
-        serde_json::to_string_pretty(&pipeline.summary)?.as_bytes(),
-    )?;
-    staged.write(
-        "manifest.json",
-        serde_json::to_string_pretty(&manifest)?.as_bytes(),
-    )?;
-    staged.commit()?;
-    Ok(files)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunks_hold_exactly_size_jobs() {
-        let steps: Vec<Value> = (0..2000).map(|i| json!({ "key": i })).collect();
-        let sizes: Vec<usize> = chunk(&steps, 192).iter().map(Vec::len).collect();
-        assert_eq!(sizes[0], 192);
-        assert_eq!(sizes.len(), 11);
-        assert_eq!(sizes[10], 2000 - 10 * 192);
-        let groups = vec![json!({"group": "g", "steps": [{}, {}]}); 3];
-        assert_eq!(
-            chunk(&groups, 4).iter().map(Vec::len).collect::<Vec<_>>(),
-            [2, 1]
-        );
-    }
-
-    #[test]
-    fn chunk_names_sort_numerically() {
-        assert_eq!(chunk_name("build", 2, 11), "build-chunk-002.json");
-        assert!(chunk_name("build", 10, 11) > chunk_name("build", 9, 11));
-        assert_eq!(chunk_name("build", 7, 1200), "build-chunk-0007.json");
     }
 }
