@@ -15,10 +15,18 @@ use crate::pipeline::{ParentStatus, ParentSummary, Summary};
 
 /// Longer lists of targets are folded into `<details>`.
 const COLLAPSE_OVER: usize = 20;
-/// Rows shown per table: Buildkite refuses annotation bodies over 1 MiB.
+/// Rows shown per table at most.
 const MAX_ROWS: usize = 1000;
-/// Characters kept of one error message.
+/// Characters kept of one error message, and of one label in a table.
 const MAX_ERROR: usize = 300;
+/// Buildkite refuses an annotation body over 1 MiB, and the bootstrap
+/// pipeline stops before its upload when `drvkite annotate` fails: rows
+/// are left out (and counted) so that the body stays below it, however
+/// long or many the labels.
+const MAX_BODY: usize = 1 << 20;
+/// Kept free of rows for the text after them: headings, the "… and N
+/// more" lines and closing tags of the tables that follow.
+const ROOM_AFTER_ROWS: usize = 16 * 1024;
 
 #[derive(Debug, Args)]
 pub struct AnnotateArgs {
@@ -146,7 +154,7 @@ pub fn render(s: &Summary) -> String {
             } else {
                 "changed"
             };
-            let mut row = vec![escape(l.as_str())];
+            let mut row = vec![label_cell(l.as_str())];
             if compared {
                 row.push(kind.to_owned());
             }
@@ -161,7 +169,7 @@ pub fn render(s: &Summary) -> String {
     let rows: Vec<Vec<String>> = s
         .cached
         .iter()
-        .map(|c| vec![escape(c.label.as_str()), escape(&c.cache)])
+        .map(|c| vec![label_cell(c.label.as_str()), escape(&c.cache)])
         .collect();
     table(
         &mut md,
@@ -169,12 +177,16 @@ pub fn render(s: &Summary) -> String {
         &["target", "binary cache"],
         &rows,
     );
-    let rows: Vec<Vec<String>> = s.removed.iter().map(|l| vec![escape(l.as_str())]).collect();
+    let rows: Vec<Vec<String>> = s
+        .removed
+        .iter()
+        .map(|l| vec![label_cell(l.as_str())])
+        .collect();
     table(&mut md, "Removed targets", &["target"], &rows);
     let rows: Vec<Vec<String>> = s
         .broken
         .iter()
-        .map(|b| vec![escape(b.label.as_str()), escape(&shorten(&b.error))])
+        .map(|b| vec![label_cell(b.label.as_str()), escape(&shorten(&b.error))])
         .collect();
     table(&mut md, "Broken targets", &["target", "error"], &rows);
     md
@@ -198,15 +210,22 @@ fn table(md: &mut String, title: &str, head: &[&str], rows: &[Vec<String>]) {
     let row = |cells: &[&str]| format!("| {} |", cells.join(" | "));
     let _ = writeln!(md, "{}", row(head));
     let _ = writeln!(md, "{}", row(&vec!["---"; head.len()]));
+    let mut shown = 0;
     for r in rows.iter().take(MAX_ROWS) {
         let cells: Vec<&str> = r.iter().map(String::as_str).collect();
-        let _ = writeln!(md, "{}", row(&cells));
+        let line = row(&cells);
+        if md.len() + line.len() + 1 + ROOM_AFTER_ROWS > MAX_BODY {
+            break;
+        }
+        md.push_str(&line);
+        md.push('\n');
+        shown += 1;
     }
-    if rows.len() > MAX_ROWS {
+    if rows.len() > shown {
         let mut last = vec![""; head.len()];
         let more = format!(
             "… and {} more (see summary.json in the artifacts)",
-            rows.len() - MAX_ROWS
+            rows.len() - shown
         );
         last[0] = &more;
         let _ = writeln!(md, "{}", row(&last));
@@ -305,6 +324,18 @@ fn shorten(s: &str) -> String {
     }
 }
 
+/// A label in a table: escaped, and cut like an error message when
+/// longer (summary.json has it whole).
+fn label_cell(label: &str) -> String {
+    if label.chars().count() > MAX_ERROR {
+        let mut cut: String = label.chars().take(MAX_ERROR).collect();
+        cut.push('…');
+        escape(&cut)
+    } else {
+        escape(label)
+    }
+}
+
 /// Text that reads as itself in Buildkite's Markdown and HTML: every
 /// character with a meaning there (`:` starts emoji codes) becomes a
 /// character reference, which
@@ -357,6 +388,40 @@ mod tests {
         );
         assert!(md.contains("| 999 |\n| … and 3 more (see summary.json in the artifacts) |\n"));
         assert!(!md.contains("| 1000 |"));
+    }
+
+    #[test]
+    fn long_and_many_labels_keep_the_body_under_buildkites_limit() {
+        // One label of 300,000 characters, each escaped to five bytes,
+        // and 4,000 more of 300: the body once reached 1.5 MB, which
+        // Buildkite refuses, and the bootstrap pipeline then uploads
+        // nothing.
+        let huge = "_:".repeat(150_000);
+        let many = |tag: &str| -> Vec<String> {
+            (0..1000)
+                .map(|i| format!("{tag}{i}/{}", "_:".repeat(150)))
+                .collect()
+        };
+        let mut changed = vec![huge.clone()];
+        changed.extend(many("c"));
+        let summary: Summary = serde_json::from_value(serde_json::json!({
+            "version": 1, "targets": 2001, "changed": changed, "unchanged": 0,
+            "added": [], "removed": many("r"), "extraSteps": 0, "steps": {},
+            "broken": many("b").iter().map(|l| serde_json::json!({"label": l, "error": l})).collect::<Vec<_>>(),
+            "evaluationSeconds": 1.0,
+            "parentMap": {"status": "used", "detail": ""},
+            "cached": many("k").iter().map(|l| serde_json::json!({"label": l, "cache": "https://c"})).collect::<Vec<_>>(),
+            "cacheCheck": null,
+        }))
+        .unwrap();
+        let md = render(&summary);
+        assert!(md.len() < 1 << 20, "{} bytes", md.len());
+        assert!(
+            md.contains(&escape(&huge[..300])),
+            "the long label is shown, cut"
+        );
+        assert!(md.contains("more (see summary.json in the artifacts)"));
+        assert!(md.ends_with("</details>\n\n"), "every table is closed");
     }
 
     #[test]
