@@ -387,12 +387,23 @@ fn display_skip(skip: &Value) -> Value {
     }
 }
 
-/// Render a target's extra steps as (phase, step) pairs, in name order.
+/// One rendered extra step.
+#[derive(Debug)]
+pub struct Rendered {
+    pub phase: String,
+    /// Its step key (for a gated step, the inner step's).
+    pub key: String,
+    /// How an error names it: "extra step '<label>' of <target>".
+    pub what: String,
+    pub step: Value,
+}
+
+/// Render a target's extra steps, in name order.
 pub fn render(
     parent: &Target,
     parent_step: &ParentStep,
     settings: &Settings,
-) -> Result<Vec<(String, Value)>> {
+) -> Result<Vec<Rendered>> {
     let mut out = Vec::new();
     let mut keys: HashMap<String, String> = HashMap::new();
     for raw in parent.extra_steps.values() {
@@ -465,7 +476,12 @@ pub fn render(
                 })
             }
         };
-        out.push((step.phase, value));
+        out.push(Rendered {
+            phase: step.phase,
+            what: format!("extra step '{}' of {}", step.label, parent.label),
+            key,
+            step: value,
+        });
     }
     Ok(out)
 }

@@ -18,7 +18,7 @@ mod write;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value, json};
 
 use crate::eval::{BrokenKind, BrokenTarget, Evaluation, Target};
@@ -281,7 +281,7 @@ pub fn broken_what(kind: BrokenKind) -> &'static str {
 }
 
 /// One unit's build step (when the build phase is on) and extra steps.
-type UnitSteps = (Option<Value>, Vec<(String, Value)>);
+type UnitSteps = (Option<Value>, Vec<extra::Rendered>);
 
 fn render_unit(
     unit: &BuildUnit,
@@ -395,6 +395,10 @@ pub fn generate_with(
     let mut phase_steps: BTreeMap<&str, Vec<Value>> =
         enabled.iter().map(|p| (*p, Vec::new())).collect();
     let mut extra_count = 0;
+    // TVL's extra-step keys hash "<label>-<target>", so two targets can
+    // give the same key (label "a-x" on tools/p, label "a" on x-tools/p):
+    // Buildkite would refuse the whole upload holding the second.
+    let mut extra_keys: HashMap<String, String> = HashMap::new();
     for rendered in render_units(&units, &deps, build_enabled, settings) {
         let (build, extras) = rendered?;
         if let Some(step) = build {
@@ -403,11 +407,18 @@ pub fn generate_with(
                 .expect("build is enabled")
                 .push(step);
         }
-        for (phase, step) in extras {
+        for extra in extras {
             // Counted only when generated: inactive phases are not.
-            if let Some(list) = phase_steps.get_mut(phase.as_str()) {
+            if let Some(list) = phase_steps.get_mut(extra.phase.as_str()) {
+                if let Some(other) = extra_keys.insert(extra.key.clone(), extra.what.clone()) {
+                    bail!(
+                        "{other} and {} have the same step key {} (the sha1 of \"<label>-<target>\", as in TVL), which Buildkite refuses: give one of them another label",
+                        extra.what,
+                        extra.key
+                    );
+                }
                 extra_count += 1;
-                list.push(step);
+                list.push(extra.step);
             }
         }
     }

@@ -1,0 +1,55 @@
+//! Names a pull request controls, where they meet Buildkite's rules
+//! beyond one string's escaping: step keys that must be unique across the
+//! whole build, and names Nix hands over that are not text.
+
+mod common;
+
+use common::*;
+
+/// A target at `path` (a readTree file) with one extra step labelled
+/// `label`.
+fn target_with_step(name: &str, label: &str) -> String {
+    format!(
+        r#"{{ depot, ... }}:
+depot.nix.build.mkTarget {{
+  name = "{name}";
+  meta.ci.extraSteps.step = {{
+    label = {label};
+    command = depot.nix.build.writeScript "{name}-step" "echo {name}";
+  }};
+}}
+"#,
+        label = nix_string(label)
+    )
+}
+
+#[test]
+fn extra_steps_of_two_targets_with_the_same_key_are_refused_by_name() {
+    // TVL's key is the sha1 of "<label>-<target>": label "a-x" on
+    // tools/p and label "a" on x-tools/p both hash "a-x-tools/p", and
+    // Buildkite refuses the whole upload holding the second.
+    let depot = Depot::with_git();
+    depot.write("tools/p.nix", &target_with_step("p", "a-x"));
+    depot.write("x-tools/p.nix", &target_with_step("xp", "a"));
+    depot.commit("two steps, one key");
+    let (out, res) = run_pipeline(&depot, &[]);
+    let line = one_line_failure(&res);
+    assert!(
+        line.contains("extra step 'a-x' of tools/p and extra step 'a' of x-tools/p have the same step key extra-step-")
+            && line.contains("give one of them another label"),
+        "{line}"
+    );
+    assert!(!out.exists(), "a pipeline was written");
+
+    // Another label for one of them, and both are generated.
+    depot.write("x-tools/p.nix", &target_with_step("xp", "b"));
+    depot.commit("another label");
+    let out = pipeline(&depot, &[]);
+    let keys: Vec<String> = phases(&out)
+        .into_iter()
+        .flat_map(|(_, steps)| steps)
+        .filter_map(|s| s["key"].as_str().map(str::to_owned))
+        .collect();
+    let unique: std::collections::BTreeSet<&String> = keys.iter().collect();
+    assert_eq!(unique.len(), keys.len(), "duplicate keys: {keys:?}");
+}
