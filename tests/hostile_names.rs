@@ -53,3 +53,44 @@ fn extra_steps_of_two_targets_with_the_same_key_are_refused_by_name() {
     let unique: std::collections::BTreeSet<&String> = keys.iter().collect();
     assert_eq!(unique.len(), keys.len(), "duplicate keys: {keys:?}");
 }
+
+#[test]
+fn a_folder_name_that_is_not_utf8_breaks_its_own_target_only() {
+    // Linux folder names are bytes, and Nix prints them as they are: the
+    // record of such a target once failed the whole run ("unexpected
+    // output from drvkite's Nix expression"), with nothing written.
+    use std::os::unix::ffi::OsStrExt;
+    let depot = Depot::with_git();
+    let dir = depot
+        .root
+        .join("tools")
+        .join(std::ffi::OsStr::from_bytes(b"bad\xff"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("default.nix"),
+        "{ depot, ... }: depot.nix.build.mkTarget { name = \"bad\"; }\n",
+    )
+    .unwrap();
+    depot.commit("a name that is not UTF-8");
+    let (out, res) = run_pipeline(&depot, &[]);
+    assert_eq!(
+        res.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let broken = broken(&out);
+    let error = &broken["tools/bad\u{fffd}"];
+    assert!(error.contains("is not UTF-8"), "{error}");
+    let steps: Vec<_> = phases(&out).into_iter().flat_map(|(_, s)| s).collect();
+    assert!(
+        steps
+            .iter()
+            .any(|s| s["label"] == ":x: tools/bad\u{fffd} cannot be uploaded"),
+        "no failing step"
+    );
+    // Every other target is built as usual.
+    build_step(&steps, "tools/hello");
+    let map = read_json(&out.join("drvmap.json"));
+    assert!(map.get("tools/bad\u{fffd}").is_none(), "{map}");
+}

@@ -22,6 +22,11 @@ pub struct Target {
     pub extra_deps: Vec<serde_json::Value>,
     pub extra_step_args: Option<serde_json::Map<String, serde_json::Value>>,
     pub extra_steps: BTreeMap<String, RawExtraStep>,
+    /// Its record held text that is not UTF-8 (a folder or attribute
+    /// name, a string of its options), read with U+FFFD in its place: no
+    /// step can carry it, so it is set aside as broken.
+    #[serde(skip)]
+    pub not_utf8: bool,
 }
 
 /// `meta.ci.extraSteps.<name>` as evaluated; validated by the pipeline stage.
@@ -118,16 +123,23 @@ pub(super) struct Stream {
 }
 
 impl Stream {
-    /// Parse `ok <index> <JSON>` or `failed <index> <JSON>`: as bytes, as
-    /// stdout would be, so text that is not UTF-8 fails the same way.
+    /// Parse `ok <index> <JSON>` or `failed <index> <JSON>`. Nix prints
+    /// names as the bytes they are, and a folder name need not be UTF-8:
+    /// such a record is read with U+FFFD in place of the bad bytes and its
+    /// target marked, rather than failing the whole run.
     pub(super) fn add(&mut self, line: &[u8]) -> Option<&Record> {
         let parsed = (|| {
             let mut parts = line.splitn(3, |b| *b == b' ');
             let (kind, index, json) = (parts.next()?, parts.next()?, parts.next()?);
             let index: usize = std::str::from_utf8(index).ok()?.parse().ok()?;
+            let text = String::from_utf8_lossy(json);
             let record = match kind {
-                b"ok" => Record::Target(Box::new(serde_json::from_slice(json).ok()?)),
-                b"failed" => Record::Failed(serde_json::from_slice(json).ok()?),
+                b"ok" => {
+                    let mut target: Target = serde_json::from_str(&text).ok()?;
+                    target.not_utf8 = matches!(text, std::borrow::Cow::Owned(_));
+                    Record::Target(Box::new(target))
+                }
+                b"failed" => Record::Failed(serde_json::from_str(&text).ok()?),
                 _ => return None,
             };
             Some((index, record))

@@ -329,8 +329,10 @@ impl Runner {
             // A walk's result is its trail.
             return Ok(RawOutput::default());
         }
+        // Names need not be UTF-8 (see `Stream::add`).
+        let stdout = String::from_utf8_lossy(stdout);
         if req.labels_only {
-            let raw: RawStdout<RawHeader> = serde_json::from_slice(stdout).map_err(unexpected)?;
+            let raw: RawStdout<RawHeader> = serde_json::from_str(&stdout).map_err(unexpected)?;
             return Ok(RawOutput {
                 headers: raw.targets,
                 settings: raw.settings,
@@ -338,7 +340,7 @@ impl Runner {
             });
         }
         let raw: RawStdout<serde::de::IgnoredAny> =
-            serde_json::from_slice(stdout).map_err(unexpected)?;
+            serde_json::from_str(&stdout).map_err(unexpected)?;
         Ok(RawOutput {
             records: streamed.into_ordered(raw.targets.len())?,
             settings: raw.settings,

@@ -200,7 +200,7 @@ fn build_step(
 /// step whose `READTREE_TARGET` would name something else. They are left
 /// out of `drvmap.json` like any broken target.
 pub fn set_aside_unuploadable(eval: &mut Evaluation) {
-    let uploadable = |t: &Target| text::exact(t.label.as_str()).is_ok();
+    let uploadable = |t: &Target| !t.not_utf8 && text::exact(t.label.as_str()).is_ok();
     if eval.targets.iter().all(uploadable) {
         return;
     }
@@ -209,7 +209,11 @@ pub fn set_aside_unuploadable(eval: &mut Evaluation) {
         .partition(uploadable);
     eval.targets = keep;
     eval.broken.extend(refuse.into_iter().map(|t| BrokenTarget {
-        error: "its label has a backslash directly before `$`, which `buildkite-agent pipeline upload` reads as an escaped `$`, so no step can set READTREE_TARGET to it: rename the folder or attribute".to_owned(),
+        error: if t.not_utf8 {
+            "its name or one of its options is not UTF-8 (U+FFFD marks the bytes in its label), which no step can carry: rename the folder or attribute, or fix the string".to_owned()
+        } else {
+            "its label has a backslash directly before `$`, which `buildkite-agent pipeline upload` reads as an escaped `$`, so no step can set READTREE_TARGET to it: rename the folder or attribute".to_owned()
+        },
         label: t.label,
         attr_path: t.attr_path,
         kind: BrokenKind::Unuploadable,
