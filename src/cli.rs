@@ -13,6 +13,7 @@ use crate::eval::{Evaluator, Nix};
 use crate::pipeline::ParentMap;
 use crate::pipeline::checkout::{self, Checked};
 use crate::pipeline::settings::{Overrides, Settings};
+use crate::pipeline::text::printable;
 use crate::types::Label;
 
 #[derive(Debug, Parser)]
@@ -299,7 +300,7 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     }
     let detail = match (&warning, &args.parent_map) {
         (Some(w), _) => {
-            eprintln!("drvkite: warning: {w}");
+            eprintln!("drvkite: warning: {}", printable(w));
             w.clone()
         }
         (None, Some(p)) => format!("{p}"),
@@ -315,7 +316,7 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
             .map(|t| t.drv_path.clone()),
     );
     if let Some(w) = cached.as_ref().and_then(crate::substitute::Report::warning) {
-        eprintln!("drvkite: warning: {w}");
+        eprintln!("drvkite: warning: {}", printable(&w));
     }
     // Asking git whether the out-links are ignored is mostly waiting for
     // git: done while the pipeline renders, and so is the derivation map.
@@ -356,9 +357,9 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
     for b in &eval.broken {
         eprintln!(
             "drvkite: warning: {} {}: {}",
-            b.label,
+            printable(b.label.as_str()),
             crate::pipeline::broken_what(b.kind),
-            b.error
+            printable(&b.error)
         );
     }
     // The cache check overlaps the evaluation: what counts is the wait
@@ -388,7 +389,7 @@ async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
         writing.as_secs_f64()
     );
     for w in &eval.warnings {
-        eprintln!("drvkite: warning: {w}");
+        eprintln!("drvkite: warning: {}", printable(w));
     }
     let status = if eval.broken.is_empty() {
         ExitCode::SUCCESS

@@ -11,9 +11,10 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // One line: the error and its context chain. A line break in
-            // a label or path would split it: shown escaped.
-            let line = format!("{e:#}").replace('\r', "\\r").replace('\n', "\\n");
-            eprintln!("drvkite: {line}");
+            // a label or path would split it, an escape sequence would
+            // reach the job's log: shown escaped.
+            let line = format!("{e:#}");
+            eprintln!("drvkite: {}", drvkite::pipeline::text::printable(&line));
             ExitCode::FAILURE
         }
     }

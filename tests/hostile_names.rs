@@ -94,3 +94,47 @@ fn a_folder_name_that_is_not_utf8_breaks_its_own_target_only() {
     let map = read_json(&out.join("drvmap.json"));
     assert!(map.get("tools/bad\u{fffd}").is_none(), "{map}");
 }
+
+#[test]
+fn escape_sequences_in_a_name_reach_no_log_raw() {
+    // Buildkite's log renders `ESC ]1339;url=…;content=… BEL` as a link
+    // and a line starting `+++ ` as an (expanded) group header: a broken
+    // target's name printed raw, by drvkite or by its failing step, put a
+    // fake link and a fake header into the job's log.
+    let depot = Depot::with_git();
+    let name = "\u{1b}]1339;url='https://evil.example/approve';content='Approve'\u{7}\n+++ fine";
+    depot.write(
+        "tools/esc.nix",
+        &format!(
+            r#"{{ depot, ... }}:
+let
+  name = {name};
+  base = depot.nix.build.mkTarget {{ name = "esc"; meta.ci.targets = [ name ]; }};
+in
+base // {{ ${{name}} = {{ type = "derivation"; outPath = throw "boom"; drvPath = throw "boom"; }}; }}
+"#,
+            name = nix_string(name)
+        ),
+    );
+    depot.commit("a name with escape sequences");
+    let (out, res) = run_pipeline(&depot, &[]);
+    assert_eq!(res.status.code(), Some(3));
+    let raw = |bytes: &[u8]| {
+        let text = String::from_utf8_lossy(bytes);
+        text.contains(['\u{1b}', '\u{7}']) || text.lines().any(|l| l.starts_with("+++"))
+    };
+    assert!(
+        !raw(&res.stderr),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let steps: Vec<_> = phases(&out).into_iter().flat_map(|(_, s)| s).collect();
+    let failing = steps
+        .iter()
+        .find(|s| s["key"].as_str().unwrap_or("").starts_with("eval-error-"))
+        .expect("the failing step");
+    let ran = run_step(&depot.root, failing["command"].as_str().unwrap(), &[]);
+    assert_eq!(ran.status.code(), Some(1));
+    let log = String::from_utf8_lossy(&ran.stderr);
+    assert!(!raw(&ran.stderr) && log.contains("\\u{1b}]1339"), "{log}");
+}

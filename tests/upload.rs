@@ -13,6 +13,7 @@ use std::path::Path;
 
 use common::schema::read_pipeline;
 use common::*;
+use drvkite::pipeline::text::printable;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -234,7 +235,7 @@ fn check(c: &Case) {
             assert_eq!(res.status.code(), Some(1));
             let log = String::from_utf8(res.stderr).unwrap();
             assert!(
-                log.starts_with(&format!("{l} cannot be uploaded:\n")),
+                log.starts_with(&format!("{} cannot be uploaded:\n", printable(&l))),
                 "{log}"
             );
             continue;
@@ -298,8 +299,8 @@ fn check(c: &Case) {
         assert_eq!(gated["branches"], json!(format!("main {}", c.branch)));
     }
 
-    // The broken target: its step prints the label and Nix's error as
-    // they are, and fails.
+    // The broken target: its step prints the label and Nix's error, with
+    // control characters escaped for the log, and fails.
     let broken = label(&c.names[0]);
     assert!(map.get(&broken).is_none());
     let step = find(
@@ -311,10 +312,10 @@ fn check(c: &Case) {
     assert_eq!(res.status.code(), Some(1));
     let log = String::from_utf8(res.stderr).unwrap();
     assert!(
-        log.starts_with(&format!("{broken} failed to evaluate:\n")),
+        log.starts_with(&format!("{} failed to evaluate:\n", printable(&broken))),
         "{log}"
     );
-    assert!(log.contains(&thrown(&c.names[0])), "{log}");
+    assert!(log.contains(&*printable(&thrown(&c.names[0]))), "{log}");
 
     // Nothing else ran, and the checkout is clean.
     for place in [depot.root.as_path(), depot.tmp.path(), Path::new(REPO)] {

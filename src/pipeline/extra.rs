@@ -322,7 +322,10 @@ fn step_command(step: &ExtraStep, parent: &Target, settings: &Settings) -> Resul
         c.push_str("echo ");
         text::push_shell_word(
             &mut c,
-            &format!("~~~ Preparing build output of {}", parent.label),
+            &format!(
+                "~~~ Preparing build output of {}",
+                text::printable(parent.label.as_str())
+            ),
         );
         c.push('\n');
         let (drv, fallback) = match &step.parent_override {

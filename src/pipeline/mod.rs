@@ -247,9 +247,10 @@ fn broken_step(b: &BrokenTarget, settings: &Settings) -> Result<Map<String, Valu
             "this readTree file fails before its targets can even be listed, so drvkite generated no step for any of them: fix the error above"
         }
     };
+    // Printed into the job's log: escape sequences in a name stay visible.
     let lines = [
-        format!("{} {what}:", b.label),
-        format!("  {}", b.error),
+        format!("{} {what}:", text::printable(b.label.as_str())),
+        format!("  {}", text::printable(&b.error)),
         hint.to_owned(),
     ];
     let mut script = String::from("printf '%s\\n'");

@@ -142,6 +142,27 @@ pub fn shell_word(word: &str) -> String {
     out
 }
 
+/// `text` for a log line: control characters (ESC, BEL, line breaks, C1)
+/// written as Rust escapes (`\u{1b}`, `\n`). Buildkite's log renders
+/// escape sequences (`ESC ]1339;url=…` is a link, `ESC ]1338` an image)
+/// and reads a line starting `+++ ` or `--- ` as a group header, so a
+/// name printed raw could put a link or a fake header into a job's log.
+/// The escapes never put a backslash before a `$`.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
+}
+
 /// A value whose every string (object keys too) is [`exact`].
 pub fn exact_value(value: &Value) -> Result<Value, Unrepresentable> {
     Ok(match value {
@@ -237,6 +258,16 @@ mod tests {
         assert_eq!(shell_word("a\\$b"), r"'a\''$b'");
         assert_eq!(shell_word("a\\'$"), r"'a\'\''$'");
         assert!(!has_backslash_dollar(&shell_word("\\$\\\\$\\'$")));
+    }
+
+    #[test]
+    fn log_lines_show_control_characters_escaped() {
+        assert_eq!(printable("tools/a b"), "tools/a b");
+        assert_eq!(
+            printable("a\u{1b}]1339;url='x'\u{7}\n+++ b\u{9b}$"),
+            "a\\u{1b}]1339;url='x'\\u{7}\\n+++ b\\u{9b}$"
+        );
+        assert!(!has_backslash_dollar(&printable("\n$")));
     }
 
     #[test]
