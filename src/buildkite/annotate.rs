@@ -341,14 +341,22 @@ fn label_cell(label: &str) -> String {
 /// character reference, which
 /// Markdown renders literally (a backslash would not work inside tables
 /// and HTML blocks alike).
+///
+/// GitHub-flavoured Markdown also links bare `www.host`, `host:` URLs
+/// and `name@host.tld` addresses. The first two are found in the raw
+/// text, so `.` and `:` as references keep them text; an address is
+/// found after references are decoded, so an invisible word joiner
+/// (U+2060) goes before each `@`: `admin@evil.example` shows as itself,
+/// not as a link.
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
             '&' | '<' | '>' | '"' | '\'' | '|' | '\\' | '`' | '*' | '_' | '[' | ']' | '(' | ')'
-            | '#' | '!' | '~' | '{' | '}' | '+' | '$' | ':' => {
+            | '#' | '!' | '~' | '{' | '}' | '+' | '$' | ':' | '.' => {
                 let _ = write!(out, "&#{};", c as u32);
             }
+            '@' => out.push_str("&#8288;&#64;"),
             '\n' | '\r' | '\t' => out.push(' '),
             c if c.is_control() => {}
             c => out.push(c),
@@ -376,6 +384,21 @@ mod tests {
         assert_eq!(escape("lib/a"), "lib/a");
         assert_eq!(escape("<b>|*x*_"), "&#60;b&#62;&#124;&#42;x&#42;&#95;");
         assert_eq!(escape("a\nb"), "a b");
+    }
+
+    #[test]
+    fn bare_addresses_and_hosts_are_not_linked() {
+        // cmark-gfm (GitHub's Markdown, with its autolink extension)
+        // rendered these labels as links to www.evil.example and
+        // mailto:admin@evil.example.
+        assert_eq!(
+            escape("www.evil.example/login"),
+            "www&#46;evil&#46;example/login"
+        );
+        assert_eq!(
+            escape("admin@evil.example"),
+            "admin&#8288;&#64;evil&#46;example"
+        );
     }
 
     #[test]
