@@ -167,16 +167,27 @@ pub fn diff(old: &DrvMap, new: &DrvMap) -> MapDiff {
 }
 
 impl MapDiff {
+    /// One line per label. Labels come from the depot's names: a line
+    /// break in one would fake a line of its own ("- tools/x" as if
+    /// removed) and an escape sequence would reach the terminal or a
+    /// Buildkite log, so control characters are shown escaped.
     pub fn render_text(&self) -> String {
+        use crate::pipeline::text::printable;
         let mut s = String::new();
         for l in &self.added {
-            let _ = writeln!(s, "+ {l}");
+            let _ = writeln!(s, "+ {}", printable(l.as_str()));
         }
         for l in &self.removed {
-            let _ = writeln!(s, "- {l}");
+            let _ = writeln!(s, "- {}", printable(l.as_str()));
         }
         for c in &self.changed {
-            let _ = writeln!(s, "~ {}  {} -> {}", c.label, c.old.hash(), c.new.hash());
+            let _ = writeln!(
+                s,
+                "~ {}  {} -> {}",
+                printable(c.label.as_str()),
+                c.old.hash(),
+                c.new.hash()
+            );
         }
         let _ = writeln!(
             s,
@@ -224,6 +235,23 @@ mod tests {
         let mut s = String::new();
         nix_json_string(&mut s, "q\"b\\n\nt\tc\u{1}\u{8}é$");
         assert_eq!(s, r#""q\"b\\n\nt\tc\u0001\u0008é$""#);
+    }
+
+    #[test]
+    fn diff_lines_show_control_characters_escaped() {
+        // A label with a line break once printed a fake "- tools/important"
+        // line, and an escape sequence (a Buildkite log link) raw.
+        let old = DrvMap::from_entries([(Label::new("tools/important"), entry(&["t"], A))]);
+        let hostile = "x\n- tools/important\n\u{1b}]1339;url='https://evil.example'\u{7}";
+        let new = DrvMap::from_entries([
+            (Label::new("tools/important"), entry(&["t"], A)),
+            (Label::new(hostile), entry(&["x"], B)),
+        ]);
+        let text = diff(&old, &new).render_text();
+        assert_eq!(
+            text,
+            "+ x\\n- tools/important\\n\\u{1b}]1339;url='https://evil.example'\\u{7}\n1 added, 0 removed, 0 changed, 1 unchanged\n"
+        );
     }
 
     #[test]

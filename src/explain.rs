@@ -241,8 +241,12 @@ pub fn explain(old: &DrvPath, new: &DrvPath, depth: usize) -> Result<Vec<Differe
     compare(&read_drv(old)?, &read_drv(new)?, depth, &mut HashSet::new())
 }
 
+/// A value on one line, cut to 100 characters. Values come from the
+/// derivations (a pull request's): control characters are shown escaped,
+/// so none reaches the terminal or a Buildkite log (see
+/// [`crate::pipeline::text::printable`]).
 fn clip(s: &str) -> String {
-    let one_line = s.replace('\n', "\\n");
+    let one_line = crate::pipeline::text::printable(s).into_owned();
     if one_line.chars().count() > 100 {
         format!("{}…", one_line.chars().take(100).collect::<String>())
     } else {
@@ -261,8 +265,12 @@ fn render_into(out: &mut String, diffs: &[Difference], indent: usize) {
     let pad = "  ".repeat(indent);
     for d in diffs {
         let _ = match d {
-            Difference::Builder { old, new } => writeln!(out, "{pad}builder: {old} -> {new}"),
-            Difference::System { old, new } => writeln!(out, "{pad}system: {old} -> {new}"),
+            Difference::Builder { old, new } => {
+                writeln!(out, "{pad}builder: {} -> {}", clip(old), clip(new))
+            }
+            Difference::System { old, new } => {
+                writeln!(out, "{pad}system: {} -> {}", clip(old), clip(new))
+            }
             Difference::Args { old, new } => {
                 writeln!(
                     out,
@@ -275,13 +283,14 @@ fn render_into(out: &mut String, diffs: &[Difference], indent: usize) {
                 writeln!(out, "{pad}outputs: {} -> {}", old.join(","), new.join(","))
             }
             Difference::EnvAdded { name, value } => {
-                writeln!(out, "{pad}env var {name} added: {}", clip(value))
+                writeln!(out, "{pad}env var {} added: {}", clip(name), clip(value))
             }
-            Difference::EnvRemoved { name } => writeln!(out, "{pad}env var {name} removed"),
+            Difference::EnvRemoved { name } => writeln!(out, "{pad}env var {} removed", clip(name)),
             Difference::EnvChanged { name, old, new } => {
                 writeln!(
                     out,
-                    "{pad}env var {name}:\n{pad}  - {}\n{pad}  + {}",
+                    "{pad}env var {}:\n{pad}  - {}\n{pad}  + {}",
+                    clip(name),
                     clip(old),
                     clip(new)
                 )
