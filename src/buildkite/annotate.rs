@@ -357,6 +357,15 @@ pub fn escape(s: &str) -> String {
                 let _ = write!(out, "&#{};", c as u32);
             }
             '@' => out.push_str("&#8288;&#64;"),
+            // Bidirectional controls reorder what follows them on screen
+            // ("a\u{202e}gnp.exe" shows as "aexe.png"): named instead.
+            '\u{061c}'
+            | '\u{200e}'
+            | '\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2066}'..='\u{2069}' => {
+                let _ = write!(out, "&#60;U+{:04X}&#62;", c as u32);
+            }
             '\n' | '\r' | '\t' => out.push(' '),
             c if c.is_control() => {}
             c => out.push(c),
@@ -384,6 +393,14 @@ mod tests {
         assert_eq!(escape("lib/a"), "lib/a");
         assert_eq!(escape("<b>|*x*_"), "&#60;b&#62;&#124;&#42;x&#42;&#95;");
         assert_eq!(escape("a\nb"), "a b");
+    }
+
+    #[test]
+    fn bidirectional_controls_are_named_not_applied() {
+        assert_eq!(
+            escape("tools/a\u{202e}gnp\u{2066}"),
+            "tools/a&#60;U+202E&#62;gnp&#60;U+2066&#62;"
+        );
     }
 
     #[test]
