@@ -138,3 +138,57 @@ base // {{ ${{name}} = {{ type = "derivation"; outPath = throw "boom"; drvPath =
     let log = String::from_utf8_lossy(&ran.stderr);
     assert!(!raw(&ran.stderr) && log.contains("\\u{1b}]1339"), "{log}");
 }
+
+#[test]
+fn values_of_the_wrong_type_break_their_own_target_only() {
+    // Each of these once failed the whole run ("unexpected output from
+    // drvkite's Nix expression"), with nothing written.
+    let depot = Depot::with_git();
+    let cases = [
+        (
+            "timeout",
+            r#"depot.nix.build.mkTarget { name = "t"; meta.timeout = "90"; }"#,
+            "meta.timeout must be a number of seconds, not \"90\"",
+        ),
+        (
+            "args",
+            "depot.nix.build.mkTarget { name = \"a\"; meta.ci.buildkiteExtraStepArgs = [ 1 ]; }",
+            "meta.ci.buildkiteExtraStepArgs must be an attribute set of step fields, not [1]",
+        ),
+        (
+            "deps",
+            r#"depot.nix.build.mkTarget { name = "d"; meta.ci.buildkiteExtraDeps = "k"; }"#,
+            "meta.ci.buildkiteExtraDeps must be a list of step keys, not \"k\"",
+        ),
+        (
+            "outputs",
+            r#"(depot.nix.build.mkTarget { name = "o"; }) // { outputs = 5; }"#,
+            "its outputs must be a list of output names, not 5",
+        ),
+        (
+            "drv",
+            r#"{ type = "derivation"; outPath = "/x"; drvPath = "not-a-path"; }"#,
+            "its drvPath must be the store path of a .drv file, not \"not-a-path\"",
+        ),
+    ];
+    for (name, body, _) in &cases {
+        depot.write(
+            &format!("wrong/{name}.nix"),
+            &format!("{{ depot, ... }}:\n{body}\n"),
+        );
+    }
+    depot.commit("values of the wrong type");
+    let (out, res) = run_pipeline(&depot, &[]);
+    assert_eq!(
+        res.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let broken = broken(&out);
+    for (name, _, error) in &cases {
+        assert_eq!(broken[&format!("wrong/{name}")], *error);
+    }
+    let steps: Vec<_> = phases(&out).into_iter().flat_map(|(_, s)| s).collect();
+    build_step(&steps, "tools/hello");
+}

@@ -194,6 +194,9 @@ impl Evaluator {
         };
         match raw.records.into_iter().next() {
             Some(Record::Target(t)) => Ok((*t, raw.settings)),
+            Some(Record::Invalid(_, problem)) => {
+                bail!("{label} in depot {}: {problem}", self.runner.depot)
+            }
             Some(Record::Failed(_)) => bail!(
                 "evaluating {label} in depot {} failed without a message from Nix",
                 self.runner.depot

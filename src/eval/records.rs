@@ -104,6 +104,42 @@ pub(super) enum Record {
     Target(Box<Target>),
     /// tryEval caught an error: it says that the target failed, not why.
     Failed(RawHeader),
+    /// It evaluated, but to values of the wrong type (say, a string
+    /// `meta.timeout`): broken, with what is wrong.
+    Invalid(RawHeader, String),
+}
+
+/// What is wrong in a target record that evaluated but does not read as
+/// a [`Target`]: the first field of the wrong type, as the depot names it.
+fn invalid_record(text: &str, error: &serde_json::Error) -> Option<Record> {
+    use serde::de::DeserializeOwned;
+    fn wrong<T: DeserializeOwned>(record: &serde_json::Value, field: &str) -> Option<String> {
+        let value = record.get(field)?;
+        serde_json::from_value::<T>(value.clone()).err().map(|_| {
+            crate::pipeline::text::printable(&value.to_string())
+                .chars()
+                .take(100)
+                .collect()
+        })
+    }
+    let record: serde_json::Value = serde_json::from_str(text).ok()?;
+    let header: RawHeader = serde_json::from_value(record.clone()).ok()?;
+    let problem = if let Some(v) = wrong::<Option<f64>>(&record, "timeout") {
+        format!("meta.timeout must be a number of seconds, not {v}")
+    } else if let Some(v) =
+        wrong::<Option<serde_json::Map<String, serde_json::Value>>>(&record, "extraStepArgs")
+    {
+        format!("meta.ci.buildkiteExtraStepArgs must be an attribute set of step fields, not {v}")
+    } else if let Some(v) = wrong::<Vec<serde_json::Value>>(&record, "extraDeps") {
+        format!("meta.ci.buildkiteExtraDeps must be a list of step keys, not {v}")
+    } else if let Some(v) = wrong::<Vec<String>>(&record, "outputs") {
+        format!("its outputs must be a list of output names, not {v}")
+    } else if let Some(v) = wrong::<DrvPath>(&record, "drvPath") {
+        format!("its drvPath must be the store path of a .drv file, not {v}")
+    } else {
+        format!("drvkite cannot read what it evaluated for it ({error})")
+    };
+    Some(Record::Invalid(header, problem))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -134,11 +170,14 @@ impl Stream {
             let index: usize = std::str::from_utf8(index).ok()?.parse().ok()?;
             let text = String::from_utf8_lossy(json);
             let record = match kind {
-                b"ok" => {
-                    let mut target: Target = serde_json::from_str(&text).ok()?;
-                    target.not_utf8 = matches!(text, std::borrow::Cow::Owned(_));
-                    Record::Target(Box::new(target))
-                }
+                b"ok" => match serde_json::from_str::<Target>(&text) {
+                    Ok(mut target) => {
+                        target.not_utf8 = matches!(text, std::borrow::Cow::Owned(_));
+                        Record::Target(Box::new(target))
+                    }
+                    // One target's wrong values must not fail the run.
+                    Err(e) => invalid_record(&text, &e)?,
+                },
                 b"failed" => Record::Failed(serde_json::from_str(&text).ok()?),
                 _ => return None,
             };
@@ -206,6 +245,7 @@ mod tests {
             .map(|r| match r {
                 Record::Target(t) => format!("ok {}", t.label),
                 Record::Failed(h) => format!("failed {}", h.label),
+                Record::Invalid(h, _) => format!("invalid {}", h.label),
             })
             .collect();
         assert_eq!(labels, ["ok a", "failed b", "ok c"]);

@@ -185,6 +185,9 @@ impl Schedule<'_> {
                             self.queue
                                 .push_back(Job::Explain(item.clone(), item.child(i), header))
                         }
+                        Record::Invalid(header, problem) => {
+                            self.broken(item.child(i), header, problem)?
+                        }
                     }
                 }
             }
@@ -235,6 +238,7 @@ impl Schedule<'_> {
                 match raw.records.into_iter().next() {
                     // Fine when evaluated alone: a healthy target after all.
                     Some(Record::Target(t)) => self.found.push((key, Found::Target(t))),
+                    Some(Record::Invalid(header, problem)) => self.broken(key, header, problem)?,
                     // Not caught, so not expected; and no message either.
                     Some(Record::Failed(_)) | None => self.broken(
                         key,
