@@ -269,7 +269,9 @@ pub async fn load(store: &Store, prefix: &str, name: Option<&str>) -> Result<Vec
                 }
             }
             ["used", _, _, _] => {
-                used.insert(rest.replacen("used/", "", 1), obj.modified);
+                // Keyed by the whole key: a mark in one scope never says
+                // when another scope's entry was used.
+                used.insert(obj.key.clone(), obj.modified);
                 index.used.push(obj);
             }
             ["tombstones", n, file] if file.ends_with(".json") => {
@@ -294,7 +296,7 @@ pub async fn load(store: &Store, prefix: &str, name: Option<&str>) -> Result<Vec
         }
     }
     for obj in manifests {
-        let (scope, rest) = split_scope(&obj.key).expect("checked above");
+        let (scope, _) = split_scope(&obj.key).expect("checked above");
         let index = scopes.get_mut(scope).expect("created above");
         let m = match read_json::<Manifest>(store, &obj).await? {
             Read::Gone => continue,
@@ -316,9 +318,8 @@ pub async fn load(store: &Store, prefix: &str, name: Option<&str>) -> Result<Vec
                 continue;
             }
         };
-        let marker = rest.replacen("entries/", "", 1);
-        let marker = marker.strip_suffix(".json").unwrap_or(&marker);
-        let last_used = used.get(marker).copied().unwrap_or(obj.modified);
+        let marker = used_key(scope, &m.name, &m.key, &m.id);
+        let last_used = used.get(&marker).copied().unwrap_or(obj.modified);
         index.entries.push(Entry {
             manifest: m,
             scope: scope.to_string(),

@@ -1,0 +1,52 @@
+//! What a pull request's objects cost the jobs that list the whole store
+//! or pipeline (`gc`, a default-branch `list`): an attacker who can write
+//! any object under their own scope prefix must not decide another scope's
+//! eviction, nor make those jobs take memory or time out of proportion to
+//! what they wrote. Scenarios run on a local store and on a real S3 server
+//! (moto).
+
+mod common;
+
+use std::time::Duration;
+
+use common::ephemera::scenarios;
+use common::ephemera::*;
+
+fn manifest_in(world: &World, scope: &str) -> String {
+    world
+        .manifests()
+        .into_iter()
+        .find(|m| m.starts_with(&format!("{scope}/")))
+        .unwrap_or_else(|| panic!("no manifest in {scope}"))
+}
+
+/// A last-use mark lies in a scope: one a pull request writes under its
+/// own prefix, named like another scope's entry, must not stand for that
+/// entry's use (on S3, `pr/…` lists after `branch/…`, so it used to win).
+fn use_marks_of_one_scope_say_nothing_of_another(world: &World) {
+    let branch = [("BUILDKITE_BRANCH", "feature-x")];
+    persist_target(&world.job(Build::Main, &branch), "branch's own");
+    let victim = manifest_in(world, "acme/depot/branch/feature-x");
+    let m = world.manifest(&victim);
+    let (name, key, id) = (
+        m["name"].as_str().unwrap(),
+        m["key"].as_str().unwrap(),
+        m["id"].as_str().unwrap(),
+    );
+    // The pull request marks "the branch's entry" as used now, then never again.
+    world.put(&format!("acme/depot/pr/5/used/{name}/{key}/{id}"), b"x");
+    std::thread::sleep(Duration::from_secs(4));
+    // The branch uses its entry: its own mark is fresh.
+    assert_eq!(
+        restore_target(&world.job(Build::Main, &branch)).unwrap(),
+        "branch's own"
+    );
+    let admin = world.job(Build::Main, &[]);
+    let out = admin.ok(&["gc", "--max-age", "3s"]);
+    assert!(
+        world.keys().contains(&victim),
+        "gc evicted a branch's entry used just now, going by a pull request's mark: {out}"
+    );
+}
+
+scenarios!(use_marks_of_one_scope_say_nothing_of_another,);
