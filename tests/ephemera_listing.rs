@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::ephemera::scenarios;
 use common::ephemera::*;
@@ -46,6 +46,44 @@ fn use_marks_of_one_scope_say_nothing_of_another(world: &World) {
     assert!(
         world.keys().contains(&victim),
         "gc evicted a branch's entry used just now, going by a pull request's mark: {out}"
+    );
+}
+
+/// Tombstones and entries of one name, many of each: `gc` matches them in
+/// one pass over each, not every entry against every tombstone.
+#[test]
+fn many_tombstones_cost_gc_linear_time() {
+    let world = World::local();
+    let pr = world.job(Build::Pr(5), &[]);
+    persist_target(&pr, "pr");
+    let template = manifest_in(&world, "acme/depot/pr/5");
+    let mut m = world.manifest(&template);
+    let key = m["key"].as_str().unwrap().to_string();
+    let n = 8000;
+    for i in 0..n {
+        let id = format!("8{i:019}-1");
+        m["id"] = id.clone().into();
+        world.put(
+            &format!("acme/depot/pr/5/entries/cargo/{key}/{id}.json"),
+            &serde_json::to_vec(&m).unwrap(),
+        );
+        // Older than every entry: matches none, so each is looked at.
+        let t = serde_json::json!({
+            "format": 1, "id": format!("7{i:019}-1"), "name": "cargo", "key": null,
+            "created_at": "2000-01-01T00:00:00Z", "created_by": {},
+        });
+        world.put(
+            &format!("acme/depot/pr/5/tombstones/cargo/7{i:019}-1.json"),
+            &serde_json::to_vec(&t).unwrap(),
+        );
+    }
+    let started = Instant::now();
+    let out = world.job(Build::Main, &[]).ok(&["gc", "--dry-run"]);
+    let took = started.elapsed();
+    assert!(out.contains(&format!("kept {} entries", n + 1)), "{out}");
+    assert!(
+        took < Duration::from_secs(8),
+        "gc took {took:?} for {n} entries and tombstones"
     );
 }
 

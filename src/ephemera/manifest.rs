@@ -330,16 +330,27 @@ pub async fn load(store: &Store, prefix: &str, name: Option<&str>) -> Result<Vec
     }
     let mut out: Vec<ScopeIndex> = scopes.into_values().collect();
     for index in &mut out {
+        // The newest tombstone of each name (all keys) and of each name and
+        // key, `None` when one's time cannot be read: one pass over each,
+        // however many a scope holds.
+        let mut newest: HashMap<(&str, Option<&str>), Option<SystemTime>> = HashMap::new();
+        for (_, t) in &index.tombstones {
+            let time = parse_time(&t.created_at);
+            newest
+                .entry((t.name.as_str(), t.key.as_deref()))
+                .and_modify(|n| *n = n.zip(time).map(|(a, b)| a.max(b)))
+                .or_insert(time);
+        }
         for entry in &mut index.entries {
-            let created = parse_time(&entry.manifest.created_at);
-            entry.tombstoned = index.tombstones.iter().any(|(_, t)| {
-                t.name == entry.manifest.name
-                    && t.key.as_ref().is_none_or(|k| *k == entry.manifest.key)
-                    && match (parse_time(&t.created_at), created) {
-                        (Some(t), Some(c)) => t >= c,
-                        // An entry whose time cannot be read is not trusted.
-                        _ => true,
-                    }
+            let m = &entry.manifest;
+            let created = parse_time(&m.created_at);
+            entry.tombstoned = [None, Some(m.key.as_str())].into_iter().any(|key| {
+                match (newest.get(&(m.name.as_str(), key)), created) {
+                    (None, _) => false,
+                    (Some(Some(t)), Some(c)) => *t >= c,
+                    // An entry whose time cannot be read is not trusted.
+                    _ => true,
+                }
             });
         }
         index
