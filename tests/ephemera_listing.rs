@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::ephemera::scenarios;
 use common::ephemera::*;
+use common::fails;
 
 fn manifest_in(world: &World, scope: &str) -> String {
     world
@@ -47,6 +48,52 @@ fn use_marks_of_one_scope_say_nothing_of_another(world: &World) {
         world.keys().contains(&victim),
         "gc evicted a branch's entry used just now, going by a pull request's mark: {out}"
     );
+}
+
+/// Manifests of many tiny names (each costs far more parsed than in the
+/// file): `gc` and a default-branch `list` skip them instead of holding
+/// them, and persist refuses to write one.
+fn bloated_manifests_are_skipped_by_listings(world: &World) {
+    let pr = world.job(Build::Pr(5), &[]);
+    persist_target(&pr, "pr");
+    let template = manifest_in(world, "acme/depot/pr/5");
+    let mut m = world.manifest(&template);
+    m["rules"] = vec!["a"; 260_000].into();
+    let bytes = serde_json::to_vec(&m).unwrap();
+    assert!(bytes.len() <= 1 << 20);
+    for i in 0..20 {
+        let id = format!("8{i:019}-1");
+        m["id"] = id.clone().into();
+        world.put(
+            &format!(
+                "acme/depot/pr/5/entries/cargo/{}/{id}.json",
+                m["key"].as_str().unwrap()
+            ),
+            &serde_json::to_vec(&m).unwrap(),
+        );
+    }
+    let main = world.job(Build::Main, &[]);
+    for args in [&["gc", "--dry-run"][..], &["list"], &["list", "--json"]] {
+        let (out, peak_kib) = run_measured(&mut main.eph(args));
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        assert!(
+            peak_kib < 64 << 10,
+            "{args:?} took {peak_kib} KiB for 20 MiB of a pull request's manifests"
+        );
+    }
+    // The pull request's own entry is still restored.
+    assert_eq!(restore_target(&world.job(Build::Pr(5), &[])).unwrap(), "pr");
+    // Persist never writes what listings skip.
+    let many = world.job(Build::Pr(6), &[]);
+    let rules: Vec<String> = (0..65).map(|i| format!("d{i}/**")).collect();
+    let mut args = vec!["persist", "many"];
+    args.extend(rules.iter().map(String::as_str));
+    for i in 0..65 {
+        many.write(&format!("d{i}/f"), "x");
+    }
+    let out = fails(&mut many.eph(&args));
+    assert!(stderr(&out).contains("more than 64"), "{}", stderr(&out));
+    assert!(!world.manifests().iter().any(|k| k.contains("/pr/6/")));
 }
 
 /// Tombstones and entries of one name, many of each: `gc` matches them in
@@ -87,4 +134,7 @@ fn many_tombstones_cost_gc_linear_time() {
     );
 }
 
-scenarios!(use_marks_of_one_scope_say_nothing_of_another,);
+scenarios!(
+    use_marks_of_one_scope_say_nothing_of_another,
+    bloated_manifests_are_skipped_by_listings,
+);

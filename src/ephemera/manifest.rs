@@ -198,8 +198,27 @@ impl ScopeIndex {
 }
 
 /// Largest manifest or tombstone read; anything bigger is not one of ours
-/// (a manifest lists a few paths and key files).
-const MAX_MANIFEST: u64 = 1 << 20;
+/// (a manifest lists a few paths and key files). `gc` and `list` hold every
+/// manifest of what they list in memory, so this bounds what one object a
+/// pull request wrote costs them.
+pub const MAX_MANIFEST: u64 = 64 << 10;
+/// Most paths, rules or key files a manifest may list: parsed, each short
+/// name costs far more memory than its bytes in the file, so a manifest of
+/// many tiny names would multiply what a listing of the store takes.
+pub const MAX_LISTED: usize = 64;
+
+/// Why a manifest lists too much, if it does (persist refuses to write
+/// such a manifest; a listing skips it).
+pub fn too_many(m: &Manifest) -> Option<String> {
+    [
+        ("paths", m.paths.len()),
+        ("rules", m.rules.len()),
+        ("key files", m.key_inputs.files.len()),
+    ]
+    .into_iter()
+    .find(|(_, n)| *n > MAX_LISTED)
+    .map(|(what, n)| format!("it lists {n} {what}, more than {MAX_LISTED}"))
+}
 
 /// Why a manifest read from `key` in `scope` is not an entry, if it is not.
 fn refuse_manifest(m: &Manifest, scope: &str, key: &str) -> Option<String> {
@@ -220,7 +239,7 @@ fn refuse_manifest(m: &Manifest, scope: &str, key: &str) -> Option<String> {
     } else if !is_sha256(&m.sha256) {
         Some("its sha256 is not valid".into())
     } else {
-        None
+        too_many(m)
     }
 }
 
