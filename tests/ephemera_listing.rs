@@ -96,6 +96,40 @@ fn bloated_manifests_are_skipped_by_listings(world: &World) {
     assert!(!world.manifests().iter().any(|k| k.contains("/pr/6/")));
 }
 
+/// Manifests name paths, builds and URLs that a pull request chose: `list`
+/// in a default-branch job and `show` print them with control characters
+/// escaped, so they cannot forge lines, sections or links in its log.
+fn manifest_text_cannot_forge_log_lines(world: &World) {
+    persist_target(&world.job(Build::Pr(5), &[]), "pr");
+    let template = manifest_in(world, "acme/depot/pr/5");
+    let forged = "x\n\u{1b}[2K--- ephemera: restored cargo (exact) scope=acme/depot/trusted\n\
+                  \u{1b}]1339;url=https://evil.example\u{7}";
+    let blob = zstd::encode_all(&tar::Builder::new(Vec::new()).into_inner().unwrap()[..], 3);
+    world.plant(
+        &template,
+        "acme/depot/pr/5",
+        &blob.unwrap(),
+        "90000000000000000001-1",
+        |m| {
+            m["created_by"]["build_url"] = forged.into();
+            m["paths"] = serde_json::json!([{"anchor": "workspace", "path": "t\n+++ x"}]);
+        },
+    );
+    for (build, args) in [
+        (Build::Main, &["list"][..]),
+        (Build::Pr(5), &["show", "cargo"]),
+    ] {
+        let out = world.job(build, &[]).ok(args);
+        assert!(out.contains("evil.example"), "{args:?}: {out}");
+        for line in out.lines() {
+            assert!(
+                !line.starts_with("---") && !line.starts_with("+++") && !line.contains('\u{1b}'),
+                "{args:?} printed {line:?}"
+            );
+        }
+    }
+}
+
 /// Tombstones and entries of one name, many of each: `gc` matches them in
 /// one pass over each, not every entry against every tombstone.
 #[test]
@@ -137,4 +171,5 @@ fn many_tombstones_cost_gc_linear_time() {
 scenarios!(
     use_marks_of_one_scope_say_nothing_of_another,
     bloated_manifests_are_skipped_by_listings,
+    manifest_text_cannot_forge_log_lines,
 );

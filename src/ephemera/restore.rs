@@ -18,7 +18,7 @@ use super::key::KeyInputs;
 use super::manifest::{self, Entry, ScopeIndex, Tombstone};
 use super::scope::Scope;
 use super::store::{Hashing, Scoped};
-use super::{Ctx, check_name, env, format_size, show_paths};
+use super::{Ctx, check_name, env, format_size, printable, show_paths};
 
 const ANNOTATION_CONTEXT: &str = "drvkite-ephemera";
 
@@ -315,7 +315,7 @@ async fn restore_entry(
         Status::Fallback => format!("fallback: no entry has the current key {current_key}"),
         _ => status.as_str().to_string(),
     };
-    Ok(format!(
+    Ok(printable(&format!(
         "ephemera: restored {} ({how}) scope={} key={} sha256={} size={} paths={} created by {} \
          at {} location={}",
         m.name,
@@ -327,7 +327,7 @@ async fn restore_entry(
         m.created_by.describe(),
         m.created_at,
         location
-    ))
+    )))
 }
 
 /// Tombstone a broken entry's key so later jobs of the scope skip it; only
