@@ -191,6 +191,7 @@ pub fn extract<R: Read>(
     let mut links = LinkTree::new(LINK_BUDGET);
     let mut dirs = LastDir::default();
     let (mut unpacked, mut entries, mut names, mut skipped) = (0u64, 0u64, 0u64, 0usize);
+    let mut members = 0u64;
     for entry in archive.entries().map_err(corrupt)? {
         let mut entry = entry.map_err(corrupt)?;
         let raw = entry.path_bytes().into_owned();
@@ -204,6 +205,12 @@ pub fn extract<R: Read>(
         }
         let shown = shorten(&raw);
         let (index, comps) = parse_member(&raw, paths.len())?;
+        // Every member counts, those left out below too: each costs a
+        // header's work, and a tiny blob can hold millions.
+        members += 1;
+        if members > limits.max_entries {
+            bail!("the archive has more than {} entries", limits.max_entries);
+        }
         // Persist never writes these; an archive that has them was made by
         // hand. Leave them out rather than plant credentials.
         let (saved, saved_parts) = &saved_parts[index];
@@ -224,9 +231,6 @@ pub fn extract<R: Read>(
             continue;
         }
         entries += 1;
-        if entries > limits.max_entries {
-            bail!("the archive has more than {} entries", limits.max_entries);
-        }
         let mut dest = staged.parts[index].dir.path().join("new");
         for c in &comps {
             dest.push(OsStr::from_bytes(c));
@@ -437,6 +441,33 @@ impl Staged {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ephemera::anchor::Anchor;
+
+    #[test]
+    fn members_left_out_count_towards_the_entry_cap() {
+        let mut b = tar::Builder::new(Vec::new());
+        for _ in 0..11 {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(EntryType::Regular);
+            h.set_size(0);
+            h.set_mode(0o644);
+            b.append_data(&mut h, "0/.netrc", io::empty()).unwrap();
+        }
+        let blob = zstd::encode_all(&b.into_inner().unwrap()[..], 3).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let saved = SavedPath {
+            anchor: Anchor::Workspace,
+            path: "t".into(),
+        };
+        let limits = Limits {
+            max_unpacked: 1 << 20,
+            max_entries: 10,
+        };
+        let err = extract(&blob[..], &[(saved, dir.path().join("t"))], &limits)
+            .err()
+            .expect("more members than the cap");
+        assert!(err.to_string().contains("more than 10 entries"), "{err:#}");
+    }
 
     #[test]
     fn an_interrupted_swap_is_completed_by_the_next_run() {
