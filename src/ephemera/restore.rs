@@ -230,7 +230,7 @@ async fn restore_entry(
     let targets = m
         .paths
         .iter()
-        .map(|p| anchors.target(p).map(|t| (p.clone(), t)))
+        .map(|p| anchors.target(p).map(|(t, leads)| (leads, t)))
         .collect::<Result<Vec<_>>>()
         .map_err(|e| skip(e, false))?;
     // Persist never writes these; a manifest that has them was forged.
