@@ -168,6 +168,54 @@ fn many_tombstones_cost_gc_linear_time() {
     );
 }
 
+/// An object that listings show but reads refuse (on S3, one a writer of
+/// the prefix stored in the GLACIER class, or with its own SSE-C key): `gc`
+/// and a default-branch `list` go on with the other scopes, and `gc`
+/// changes nothing in that one (what it could not read may be an entry).
+#[test]
+fn an_unreadable_object_does_not_stop_gc_or_list() {
+    let Some(moto) = start_moto() else {
+        return;
+    };
+    let world = World::s3(&moto, "unreadable");
+    persist_target(&world.job(Build::Pr(5), &[]), "pr 5");
+    persist_target(&world.job(Build::Pr(6), &[]), "pr 6");
+    let template = manifest_in(&world, "acme/depot/pr/5");
+    let key = world.manifest(&template)["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    world.put_unreadable(
+        &format!("acme/depot/pr/5/entries/cargo/{key}/90000000000000000001-1.json"),
+        b"{}",
+    );
+    let pr5 = keys_under(&world, "acme/depot/pr/5/");
+    let main = world.job(Build::Main, &[]);
+    let out = main.run(&["list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("acme/depot/pr/6"), "{}", stdout(&out));
+    assert!(stderr(&out).contains("acme/depot/pr/5"), "{}", stderr(&out));
+    let out = main.run(&["gc", "--max-age", "0s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).lines().all(|l| l.len() < 600),
+        "{}",
+        stderr(&out)
+    );
+    assert!(keys_under(&world, "acme/depot/pr/6/").is_empty());
+    assert_eq!(keys_under(&world, "acme/depot/pr/5/"), pr5);
+}
+
+fn keys_under(world: &World, prefix: &str) -> Vec<String> {
+    let mut keys: Vec<String> = world
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with(prefix))
+        .collect();
+    keys.sort();
+    keys
+}
+
 scenarios!(
     use_marks_of_one_scope_say_nothing_of_another,
     bloated_manifests_are_skipped_by_listings,

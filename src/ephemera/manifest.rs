@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::anchor::SavedPath;
@@ -176,6 +176,10 @@ pub struct ScopeIndex {
     /// Objects that are not what their place says (forged or unreadable
     /// manifests…): never acted upon.
     pub junk: Vec<Junk>,
+    /// Why an object of the scope could not be read, if one could not: what
+    /// it holds is unknown (an entry, a tombstone), so nothing in the scope
+    /// may be acted upon.
+    pub unreadable: Option<String>,
 }
 
 impl ScopeIndex {
@@ -297,9 +301,13 @@ pub async fn load(store: &Store, prefix: &str, name: Option<&str>) -> Result<Vec
                 if name.is_some_and(|want| want != *n) {
                     continue;
                 }
-                match read_json::<Tombstone>(store, &obj).await? {
+                match read_json::<Tombstone>(store, &obj).await {
                     Read::Gone => {}
                     Read::Bad(reason) => index.junk.push(junk(&reason)),
+                    Read::Unreadable(reason) => {
+                        index.unreadable.get_or_insert(reason.clone());
+                        index.junk.push(junk(&reason));
+                    }
                     Read::Ok(t) if t.name == *n && format!("{}.json", t.id) == *file => {
                         index.tombstones.push((obj, t));
                     }
@@ -317,8 +325,16 @@ pub async fn load(store: &Store, prefix: &str, name: Option<&str>) -> Result<Vec
     for obj in manifests {
         let (scope, _) = split_scope(&obj.key).expect("checked above");
         let index = scopes.get_mut(scope).expect("created above");
-        let m = match read_json::<Manifest>(store, &obj).await? {
+        let m = match read_json::<Manifest>(store, &obj).await {
             Read::Gone => continue,
+            Read::Unreadable(reason) => {
+                index.unreadable.get_or_insert(reason.clone());
+                index.junk.push(Junk {
+                    listed: obj,
+                    reason,
+                });
+                continue;
+            }
             Read::Ok(m) => match refuse_manifest(&m, scope, &obj.key) {
                 None => m,
                 Some(reason) => {
@@ -380,16 +396,21 @@ pub async fn load(store: &Store, prefix: &str, name: Option<&str>) -> Result<Vec
     Ok(out)
 }
 
-/// Load one scope (empty if it holds nothing).
+/// Load one scope (empty if it holds nothing); an object of it that cannot
+/// be read is an error (never a reason to restore, evict or delete).
 pub async fn load_scope(store: &Store, scope: &str, name: Option<&str>) -> Result<ScopeIndex> {
     let found = load(store, scope, name).await?;
-    Ok(found
+    let index = found
         .into_iter()
         .find(|s| s.scope == scope)
         .unwrap_or_else(|| ScopeIndex {
             scope: scope.to_string(),
             ..Default::default()
-        }))
+        });
+    if let Some(why) = &index.unreadable {
+        bail!("{why}: check the store, or remove that object if it is not ephemera's");
+    }
+    Ok(index)
 }
 
 enum Read<T> {
@@ -398,21 +419,26 @@ enum Read<T> {
     Gone,
     /// Too big, or not JSON of that shape.
     Bad(String),
+    /// The store refused to give it (why, shortened): its scope is
+    /// [`ScopeIndex::unreadable`]. A writer of a scope's prefix can store
+    /// such objects (on S3, in the GLACIER class, or encrypted with their
+    /// own key), so this must not stop a listing of the other scopes.
+    Unreadable(String),
 }
 
-/// A store that cannot be read is an error (never a reason to delete).
-async fn read_json<T: for<'de> Deserialize<'de>>(store: &Store, obj: &Listed) -> Result<Read<T>> {
+async fn read_json<T: for<'de> Deserialize<'de>>(store: &Store, obj: &Listed) -> Read<T> {
     if obj.size > MAX_MANIFEST {
-        return Ok(Read::Bad(format!("it is bigger than {MAX_MANIFEST} bytes")));
+        return Read::Bad(format!("it is bigger than {MAX_MANIFEST} bytes"));
     }
-    Ok(match store.get_capped(&obj.key, MAX_MANIFEST).await? {
-        None => Read::Gone,
-        Some(None) => Read::Bad(format!("it is bigger than {MAX_MANIFEST} bytes")),
-        Some(Some(bytes)) => match serde_json::from_slice(&bytes) {
+    match store.get_capped(&obj.key, MAX_MANIFEST).await {
+        Err(e) => Read::Unreadable(shorten(&format!("{e:#}"))),
+        Ok(None) => Read::Gone,
+        Ok(Some(None)) => Read::Bad(format!("it is bigger than {MAX_MANIFEST} bytes")),
+        Ok(Some(Some(bytes))) => match serde_json::from_slice(&bytes) {
             Ok(v) => Read::Ok(v),
             Err(_) => Read::Bad("it is not a valid manifest or tombstone".into()),
         },
-    })
+    }
 }
 
 pub fn is_sha256(s: &str) -> bool {

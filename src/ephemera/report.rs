@@ -89,6 +89,13 @@ pub(super) async fn list(ctx: &Ctx, json: bool) -> Result<ExitCode> {
         _ => String::new(),
     };
     let scopes = manifest::load(&ctx.store, &prefix, None).await?;
+    for index in scopes.iter().filter(|i| i.unreadable.is_some()) {
+        eprintln!(
+            "ephemera: warning: scope {} may hold more than listed: {}",
+            index.scope,
+            index.unreadable.as_deref().unwrap_or_default()
+        );
+    }
     let entries: Vec<&Entry> = scopes.iter().flat_map(|s| &s.entries).collect();
     // Inside a job: what a restore of each set would do, taking each set's
     // key inputs as its newest readable entry recorded them.
