@@ -65,4 +65,41 @@ fn credential_stores_are_judged_where_links_lead(world: &World) {
     assert_eq!(job.read("target/out.txt").unwrap(), "pr");
 }
 
-scenarios!(credential_stores_are_judged_where_links_lead,);
+/// A restore that fails for this agent's reasons (a file where a target's
+/// folder should be; likewise a full disk) leaves the entry alone: a
+/// default-branch job must not invalidate the trusted seed every pull
+/// request restores because its own checkout or disk could not take it.
+fn a_failure_of_this_agent_is_not_a_broken_entry(world: &World) {
+    let seed = [
+        ("DRVKITE_EPHEMERA_SEED", "1"),
+        ("DRVKITE_EPHEMERA_TRUSTED_RESTORE", "1"),
+    ];
+    let main = world.job(Build::Main, &seed);
+    main.write("Cargo.lock", "lock v1\n");
+    main.write("cache/x/f", "seed");
+    main.ok(&["persist", "cargo", "cache/x", "--key-file", "Cargo.lock"]);
+    let blocked = world.job(Build::Main, &seed);
+    blocked.write("Cargo.lock", "lock v1\n");
+    blocked.write("cache", "a file where the folder goes");
+    let out = blocked.run(&["restore", "cargo", "--key-file", "Cargo.lock"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("nothing restored"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !world.keys().iter().any(|k| k.contains("/tombstones/")),
+        "the seed was invalidated: {}",
+        stderr(&out)
+    );
+    let pr = world.job(Build::Pr(5), &seed[..1]);
+    pr.write("Cargo.lock", "lock v1\n");
+    pr.ok(&["restore", "cargo", "--key-file", "Cargo.lock"]);
+    assert_eq!(pr.read("cache/x/f").unwrap(), "seed");
+}
+
+scenarios!(
+    credential_stores_are_judged_where_links_lead,
+    a_failure_of_this_agent_is_not_a_broken_entry,
+);

@@ -302,10 +302,16 @@ async fn restore_entry(
     let reader = std::fs::File::open(tmp.path()).map_err(|e| skip(e.into(), false))?;
     let staged = archive::extract(std::io::BufReader::new(reader), &targets, &ctx.limits())
         .map_err(|e| {
-            skip(
-                e.context("the archive was refused; nothing was changed"),
-                true,
-            )
+            // A full disk is not the entry's fault: quarantining it would
+            // hide it from every job of its scope (the trusted seed too).
+            if e.downcast_ref::<archive::LocalFailure>().is_some() {
+                skip(e.context("nothing was changed"), false)
+            } else {
+                skip(
+                    e.context("the archive was refused; nothing was changed"),
+                    true,
+                )
+            }
         })?;
     for what in &staged.skipped {
         eprintln!("ephemera: {}: left out {what}", m.name);

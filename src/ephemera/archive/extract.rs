@@ -31,6 +31,30 @@ const TARGET_FILE: &str = "target";
 /// At most this many members left out are named; the rest are counted.
 const SKIPPED_SHOWN: usize = 20;
 
+/// Marks an error as this agent's (its checkout has a file where a target's
+/// folder goes, its disk is full or read-only), not the archive's: the
+/// entry is not broken, and must not be quarantined for it.
+#[derive(Debug)]
+pub struct LocalFailure;
+
+impl std::fmt::Display for LocalFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("this agent cannot write the files")
+    }
+}
+
+/// `e` with `what` as context, marked [`LocalFailure`] when its kind
+/// blames the disk rather than the archive.
+fn written(e: io::Error, what: String) -> anyhow::Error {
+    use io::ErrorKind::*;
+    let local = matches!(
+        e.kind(),
+        StorageFull | QuotaExceeded | ReadOnlyFilesystem | PermissionDenied
+    );
+    let e = anyhow::Error::new(e).context(what);
+    if local { e.context(LocalFailure) } else { e }
+}
+
 /// One target's staging folder, locked for as long as this process uses it
 /// so [`recover`] in another process leaves it alone.
 struct Part {
@@ -171,8 +195,12 @@ pub fn extract<R: Read>(
     };
     for (_, target) in paths {
         let parent = target.parent().context("a target has no parent folder")?;
-        staged.created.extend(create_dirs(parent)?);
-        staged.parts.push(staging_for(target)?);
+        staged
+            .created
+            .extend(create_dirs(parent).context(LocalFailure)?);
+        staged
+            .parts
+            .push(staging_for(target).context(LocalFailure)?);
     }
     let mut decoder = zstd::Decoder::new(reader).context("cannot start zstd")?;
     decoder
@@ -244,7 +272,7 @@ pub fn extract<R: Read>(
                 Ok(_) => bail!("entry {shown} appears twice"),
                 Err(_) => fs::create_dir_all(&dest)
                     .and_then(|()| fs::set_permissions(&dest, fs::Permissions::from_mode(0o755)))
-                    .with_context(|| format!("cannot create the folder {shown}"))?,
+                    .map_err(|e| written(e, format!("cannot create the folder {shown}")))?,
             },
             EntryType::Regular => {
                 unpacked += entry.size();
@@ -263,7 +291,7 @@ pub fn extract<R: Read>(
                     }
                     Err(e) => match verdict.borrow().as_ref() {
                         Some(why) => bail!("{why}"),
-                        None => return Err(e).with_context(|| format!("cannot extract {shown}")),
+                        None => return Err(written(e, format!("cannot extract {shown}"))),
                     },
                 }
             }
@@ -305,7 +333,7 @@ pub fn extract<R: Read>(
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => bail!(
                 "a file or folder lies below a symbolic link {shown}, or has its name: refused"
             ),
-            other => other.with_context(|| format!("cannot create the link {shown}"))?,
+            other => other.map_err(|e| written(e, format!("cannot create the link {shown}")))?,
         }
     }
     // Only now: a link clashing with a file or folder says so above.
@@ -329,7 +357,8 @@ pub fn extract<R: Read>(
 
 fn make_parent(dest: &Path) -> Result<()> {
     let parent = dest.parent().expect("below the staging folder");
-    fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))
+    fs::create_dir_all(parent)
+        .map_err(|e| written(e, format!("cannot create {}", parent.display())))
 }
 
 /// The folder the last file was written to, kept open: archives list a
