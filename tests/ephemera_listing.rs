@@ -36,14 +36,14 @@ fn use_marks_of_one_scope_say_nothing_of_another(world: &World) {
     );
     // The pull request marks "the branch's entry" as used now, then never again.
     world.put(&format!("acme/depot/pr/5/used/{name}/{key}/{id}"), b"x");
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(6));
     // The branch uses its entry: its own mark is fresh.
     assert_eq!(
         restore_target(&world.job(Build::Main, &branch)).unwrap(),
         "branch's own"
     );
     let admin = world.job(Build::Main, &[]);
-    let out = admin.ok(&["gc", "--max-age", "3s"]);
+    let out = admin.ok(&["gc", "--max-age", "4s"]);
     assert!(
         world.keys().contains(&victim),
         "gc evicted a branch's entry used just now, going by a pull request's mark: {out}"
