@@ -706,6 +706,61 @@ fn trailing_slashes_do_not_follow_links(world: &World) {
     assert!(world.manifests().is_empty());
 }
 
+/// A careless `DRVKITE_EPHEMERA_STORE=cache/ephemera` (relative to the
+/// checkout) is still the store: persisting `cache` would archive every
+/// scope's entries, and restoring it would delete them all.
+#[test]
+fn a_relative_store_is_never_persisted_or_restored_over() {
+    let world = World::local();
+    let relative = [("DRVKITE_EPHEMERA_STORE", "cache/ephemera")];
+    let main = world.job(Build::Main, &[SEED[0], relative[0]]);
+    main.write("cache/f", "x");
+    let out = fails(&mut main.eph(&["persist", "c", "cache"]));
+    assert!(
+        stderr(&out).contains("contains the ephemera store"),
+        "{}",
+        stderr(&out)
+    );
+    // A pull request on the same checkout, whose entry names `cache`.
+    let mut pr = world.job(Build::Pr(5), &relative);
+    pr.ws = main.ws.clone();
+    persist_target(&pr, "pr");
+    let store = main.ws.join("cache/ephemera");
+    let raw = World {
+        root: tempfile::tempdir().unwrap(),
+        store: store.display().to_string(),
+        extra: vec![],
+        raw: Raw::Local(store.clone()),
+    };
+    let template = manifest_in(&raw, "acme/depot/pr/5");
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(EntryType::Directory);
+    h.set_mode(0o755);
+    b.append_data(&mut h, "0", std::io::empty()).unwrap();
+    let blob = zstd::encode_all(&b.into_inner().unwrap()[..], 3).unwrap();
+    raw.plant(
+        &template,
+        "acme/depot/pr/5",
+        &blob,
+        "90000000000000000001-1",
+        |m| {
+            m["paths"] = serde_json::json!([{"anchor": "workspace", "path": "cache"}]);
+        },
+    );
+    let before = files_under(&store).len();
+    let out = pr.run(&["restore", "cargo", "--key-file", "Cargo.lock"]);
+    assert!(
+        stderr(&out).contains("contains the ephemera store"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        files_under(&store).len() >= before,
+        "the store was replaced"
+    );
+}
+
 scenarios!(
     forged_manifests_naming_other_scopes_are_refused,
     credentials_never_travel,

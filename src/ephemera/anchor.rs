@@ -210,10 +210,11 @@ impl Anchors {
         Ok(Some((saved, real)))
     }
 
-    /// Where a recorded path goes on this agent. Refuses paths that are not
-    /// plain, credential stores, and places whose existing parent folders
-    /// lead outside the anchor (through a symbolic link).
-    pub fn target(&self, saved: &SavedPath) -> Result<PathBuf> {
+    /// Where a recorded path goes on this agent, and where that really is
+    /// relative to the anchor (its existing folders followed). Refuses paths
+    /// that are not plain, credential stores, and places whose existing
+    /// parent folders lead outside the anchor (through a symbolic link).
+    pub fn target(&self, saved: &SavedPath) -> Result<(PathBuf, SavedPath)> {
         check_saved(saved)?;
         let dir = self.dir(saved.anchor)?;
         let target = dir.join(&saved.path);
@@ -232,10 +233,26 @@ impl Anchors {
             );
         }
         let rest = target.strip_prefix(existing).expect("an ancestor");
+        let real = real.join(rest);
         self.forbidden
-            .check(&real.join(rest), &format!("entry path {saved}"))?;
+            .check(&real, &format!("entry path {saved}"))?;
         self.check_config_folder(saved)?;
-        Ok(target)
+        // A link in the checkout or home (`evil -> ~/.ssh`) must not make
+        // a harmless-looking path land in a credential store: judge where
+        // it leads too.
+        let rel = real
+            .strip_prefix(dir)
+            .ok()
+            .and_then(Path::to_str)
+            .with_context(|| format!("entry path {saved} leads to a name that is not UTF-8"))?;
+        let leads = SavedPath {
+            anchor: saved.anchor,
+            path: rel.to_string(),
+        };
+        check_saved(&leads)
+            .and_then(|()| self.check_config_folder(&leads))
+            .with_context(|| format!("entry path {saved} leads to {leads}"))?;
+        Ok((target, leads))
     }
 }
 
@@ -290,7 +307,7 @@ mod tests {
         assert!(a.resolve("~/.ssh").is_err());
         std::os::unix::fs::symlink("target", ws.join("link")).unwrap();
         assert!(a.resolve("link").is_err());
-        let t = a.target(&saved).unwrap();
+        let (t, _) = a.target(&saved).unwrap();
         assert_eq!(
             t,
             home.path().canonicalize().unwrap().join(".cargo/registry")

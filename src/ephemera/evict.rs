@@ -114,6 +114,15 @@ pub(super) async fn gc(ctx: &Ctx, max_age: Duration, dry_run: bool) -> Result<Ex
     let (mut entries_removed, mut kept, mut bytes) = (0usize, 0usize, 0u64);
     let mut skipped = 0usize;
     for index in &scopes {
+        if let Some(why) = &index.unreadable {
+            // What could not be read may be an entry whose archive would
+            // look orphaned, or a tombstone: leave the whole scope alone.
+            eprintln!(
+                "ephemera gc: warning: leaving scope {} alone: {why}",
+                index.scope
+            );
+            continue;
+        }
         let stored: HashSet<&str> = index.blobs.iter().map(|b| b.key.as_str()).collect();
         let mut live_blobs = HashSet::new();
         let mut live_markers = HashSet::new();

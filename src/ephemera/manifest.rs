@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::anchor::SavedPath;
@@ -176,6 +176,10 @@ pub struct ScopeIndex {
     /// Objects that are not what their place says (forged or unreadable
     /// manifests…): never acted upon.
     pub junk: Vec<Junk>,
+    /// Why an object of the scope could not be read, if one could not: what
+    /// it holds is unknown (an entry, a tombstone), so nothing in the scope
+    /// may be acted upon.
+    pub unreadable: Option<String>,
 }
 
 impl ScopeIndex {
@@ -198,8 +202,27 @@ impl ScopeIndex {
 }
 
 /// Largest manifest or tombstone read; anything bigger is not one of ours
-/// (a manifest lists a few paths and key files).
-const MAX_MANIFEST: u64 = 1 << 20;
+/// (a manifest lists a few paths and key files). `gc` and `list` hold every
+/// manifest of what they list in memory, so this bounds what one object a
+/// pull request wrote costs them.
+pub const MAX_MANIFEST: u64 = 64 << 10;
+/// Most paths, rules or key files a manifest may list: parsed, each short
+/// name costs far more memory than its bytes in the file, so a manifest of
+/// many tiny names would multiply what a listing of the store takes.
+pub const MAX_LISTED: usize = 64;
+
+/// Why a manifest lists too much, if it does (persist refuses to write
+/// such a manifest; a listing skips it).
+pub fn too_many(m: &Manifest) -> Option<String> {
+    [
+        ("paths", m.paths.len()),
+        ("rules", m.rules.len()),
+        ("key files", m.key_inputs.files.len()),
+    ]
+    .into_iter()
+    .find(|(_, n)| *n > MAX_LISTED)
+    .map(|(what, n)| format!("it lists {n} {what}, more than {MAX_LISTED}"))
+}
 
 /// Why a manifest read from `key` in `scope` is not an entry, if it is not.
 fn refuse_manifest(m: &Manifest, scope: &str, key: &str) -> Option<String> {
@@ -220,7 +243,7 @@ fn refuse_manifest(m: &Manifest, scope: &str, key: &str) -> Option<String> {
     } else if !is_sha256(&m.sha256) {
         Some("its sha256 is not valid".into())
     } else {
-        None
+        too_many(m)
     }
 }
 
@@ -269,16 +292,22 @@ pub async fn load(store: &Store, prefix: &str, name: Option<&str>) -> Result<Vec
                 }
             }
             ["used", _, _, _] => {
-                used.insert(rest.replacen("used/", "", 1), obj.modified);
+                // Keyed by the whole key: a mark in one scope never says
+                // when another scope's entry was used.
+                used.insert(obj.key.clone(), obj.modified);
                 index.used.push(obj);
             }
             ["tombstones", n, file] if file.ends_with(".json") => {
                 if name.is_some_and(|want| want != *n) {
                     continue;
                 }
-                match read_json::<Tombstone>(store, &obj).await? {
+                match read_json::<Tombstone>(store, &obj).await {
                     Read::Gone => {}
                     Read::Bad(reason) => index.junk.push(junk(&reason)),
+                    Read::Unreadable(reason) => {
+                        index.unreadable.get_or_insert(reason.clone());
+                        index.junk.push(junk(&reason));
+                    }
                     Read::Ok(t) if t.name == *n && format!("{}.json", t.id) == *file => {
                         index.tombstones.push((obj, t));
                     }
@@ -294,10 +323,18 @@ pub async fn load(store: &Store, prefix: &str, name: Option<&str>) -> Result<Vec
         }
     }
     for obj in manifests {
-        let (scope, rest) = split_scope(&obj.key).expect("checked above");
+        let (scope, _) = split_scope(&obj.key).expect("checked above");
         let index = scopes.get_mut(scope).expect("created above");
-        let m = match read_json::<Manifest>(store, &obj).await? {
+        let m = match read_json::<Manifest>(store, &obj).await {
             Read::Gone => continue,
+            Read::Unreadable(reason) => {
+                index.unreadable.get_or_insert(reason.clone());
+                index.junk.push(Junk {
+                    listed: obj,
+                    reason,
+                });
+                continue;
+            }
             Read::Ok(m) => match refuse_manifest(&m, scope, &obj.key) {
                 None => m,
                 Some(reason) => {
@@ -316,9 +353,8 @@ pub async fn load(store: &Store, prefix: &str, name: Option<&str>) -> Result<Vec
                 continue;
             }
         };
-        let marker = rest.replacen("entries/", "", 1);
-        let marker = marker.strip_suffix(".json").unwrap_or(&marker);
-        let last_used = used.get(marker).copied().unwrap_or(obj.modified);
+        let marker = used_key(scope, &m.name, &m.key, &m.id);
+        let last_used = used.get(&marker).copied().unwrap_or(obj.modified);
         index.entries.push(Entry {
             manifest: m,
             scope: scope.to_string(),
@@ -329,16 +365,27 @@ pub async fn load(store: &Store, prefix: &str, name: Option<&str>) -> Result<Vec
     }
     let mut out: Vec<ScopeIndex> = scopes.into_values().collect();
     for index in &mut out {
+        // The newest tombstone of each name (all keys) and of each name and
+        // key, `None` when one's time cannot be read: one pass over each,
+        // however many a scope holds.
+        let mut newest: HashMap<(&str, Option<&str>), Option<SystemTime>> = HashMap::new();
+        for (_, t) in &index.tombstones {
+            let time = parse_time(&t.created_at);
+            newest
+                .entry((t.name.as_str(), t.key.as_deref()))
+                .and_modify(|n| *n = n.zip(time).map(|(a, b)| a.max(b)))
+                .or_insert(time);
+        }
         for entry in &mut index.entries {
-            let created = parse_time(&entry.manifest.created_at);
-            entry.tombstoned = index.tombstones.iter().any(|(_, t)| {
-                t.name == entry.manifest.name
-                    && t.key.as_ref().is_none_or(|k| *k == entry.manifest.key)
-                    && match (parse_time(&t.created_at), created) {
-                        (Some(t), Some(c)) => t >= c,
-                        // An entry whose time cannot be read is not trusted.
-                        _ => true,
-                    }
+            let m = &entry.manifest;
+            let created = parse_time(&m.created_at);
+            entry.tombstoned = [None, Some(m.key.as_str())].into_iter().any(|key| {
+                match (newest.get(&(m.name.as_str(), key)), created) {
+                    (None, _) => false,
+                    (Some(Some(t)), Some(c)) => *t >= c,
+                    // An entry whose time cannot be read is not trusted.
+                    _ => true,
+                }
             });
         }
         index
@@ -349,16 +396,21 @@ pub async fn load(store: &Store, prefix: &str, name: Option<&str>) -> Result<Vec
     Ok(out)
 }
 
-/// Load one scope (empty if it holds nothing).
+/// Load one scope (empty if it holds nothing); an object of it that cannot
+/// be read is an error (never a reason to restore, evict or delete).
 pub async fn load_scope(store: &Store, scope: &str, name: Option<&str>) -> Result<ScopeIndex> {
     let found = load(store, scope, name).await?;
-    Ok(found
+    let index = found
         .into_iter()
         .find(|s| s.scope == scope)
         .unwrap_or_else(|| ScopeIndex {
             scope: scope.to_string(),
             ..Default::default()
-        }))
+        });
+    if let Some(why) = &index.unreadable {
+        bail!("{why}: check the store, or remove that object if it is not ephemera's");
+    }
+    Ok(index)
 }
 
 enum Read<T> {
@@ -367,21 +419,26 @@ enum Read<T> {
     Gone,
     /// Too big, or not JSON of that shape.
     Bad(String),
+    /// The store refused to give it (why, shortened): its scope is
+    /// [`ScopeIndex::unreadable`]. A writer of a scope's prefix can store
+    /// such objects (on S3, in the GLACIER class, or encrypted with their
+    /// own key), so this must not stop a listing of the other scopes.
+    Unreadable(String),
 }
 
-/// A store that cannot be read is an error (never a reason to delete).
-async fn read_json<T: for<'de> Deserialize<'de>>(store: &Store, obj: &Listed) -> Result<Read<T>> {
+async fn read_json<T: for<'de> Deserialize<'de>>(store: &Store, obj: &Listed) -> Read<T> {
     if obj.size > MAX_MANIFEST {
-        return Ok(Read::Bad(format!("it is bigger than {MAX_MANIFEST} bytes")));
+        return Read::Bad(format!("it is bigger than {MAX_MANIFEST} bytes"));
     }
-    Ok(match store.get_capped(&obj.key, MAX_MANIFEST).await? {
-        None => Read::Gone,
-        Some(None) => Read::Bad(format!("it is bigger than {MAX_MANIFEST} bytes")),
-        Some(Some(bytes)) => match serde_json::from_slice(&bytes) {
+    match store.get_capped(&obj.key, MAX_MANIFEST).await {
+        Err(e) => Read::Unreadable(shorten(&format!("{e:#}"))),
+        Ok(None) => Read::Gone,
+        Ok(Some(None)) => Read::Bad(format!("it is bigger than {MAX_MANIFEST} bytes")),
+        Ok(Some(Some(bytes))) => match serde_json::from_slice(&bytes) {
             Ok(v) => Read::Ok(v),
             Err(_) => Read::Bad("it is not a valid manifest or tombstone".into()),
         },
-    })
+    }
 }
 
 pub fn is_sha256(s: &str) -> bool {

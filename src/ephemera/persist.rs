@@ -153,10 +153,23 @@ pub(super) async fn persist(
         created_by: manifest::CreatedBy::from_env(env),
     };
     let entry_key = manifest::entry_key(&prefix, name, &key, &id);
-    if !job
-        .create(&entry_key, serde_json::to_vec_pretty(&m)?)
-        .await?
-    {
+    let bytes = serde_json::to_vec_pretty(&m)?;
+    // Restores and listings skip such a manifest: do not write one.
+    if let Some(why) = manifest::too_many(&m).or_else(|| {
+        (bytes.len() as u64 > manifest::MAX_MANIFEST).then(|| {
+            format!(
+                "it would take {} bytes, more than {}",
+                bytes.len(),
+                manifest::MAX_MANIFEST
+            )
+        })
+    }) {
+        bail!(
+            "ephemera set {name} cannot be recorded: {why}: persist fewer or shorter paths, rules \
+             or key files"
+        );
+    }
+    if !job.create(&entry_key, bytes).await? {
         bail!(
             "{} already exists: another job wrote the same entry id; run persist again",
             ctx.store.location(&entry_key)

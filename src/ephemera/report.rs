@@ -12,7 +12,7 @@ use super::manifest::{self, Entry, Manifest, ScopeIndex};
 use super::restore::{Status, candidates, write_tombstone};
 use super::scope::{Scope, component};
 use super::store::Scoped;
-use super::{Ctx, check_name, env, format_size, short, show_paths};
+use super::{Ctx, check_name, env, format_size, printable, short, show_paths};
 
 /// An entry as `list --json` and `show --json` print it.
 #[derive(Serialize)]
@@ -65,7 +65,7 @@ fn describe(found: Option<(&Entry, Status)>) -> String {
 
 fn entry_line(e: &Entry) -> String {
     let m = &e.manifest;
-    format!(
+    printable(&format!(
         "{}  {}  key={}  sha256={}  {}  paths={}  created {} by {}  last used {}{}",
         m.scope,
         m.name,
@@ -77,7 +77,7 @@ fn entry_line(e: &Entry) -> String {
         m.created_by.describe(),
         humantime::format_rfc3339_seconds(e.last_used),
         if e.tombstoned { "  (invalidated)" } else { "" }
-    )
+    ))
 }
 
 pub(super) async fn list(ctx: &Ctx, json: bool) -> Result<ExitCode> {
@@ -89,6 +89,13 @@ pub(super) async fn list(ctx: &Ctx, json: bool) -> Result<ExitCode> {
         _ => String::new(),
     };
     let scopes = manifest::load(&ctx.store, &prefix, None).await?;
+    for index in scopes.iter().filter(|i| i.unreadable.is_some()) {
+        eprintln!(
+            "ephemera: warning: scope {} may hold more than listed: {}",
+            index.scope,
+            index.unreadable.as_deref().unwrap_or_default()
+        );
+    }
     let entries: Vec<&Entry> = scopes.iter().flat_map(|s| &s.entries).collect();
     // Inside a job: what a restore of each set would do, taking each set's
     // key inputs as its newest readable entry recorded them.
@@ -124,7 +131,7 @@ pub(super) async fn list(ctx: &Ctx, json: bool) -> Result<ExitCode> {
                 }
                 Err(e) => format!("unknown ({e:#})"),
             };
-            statuses.push((name.to_string(), line));
+            statuses.push((name.to_string(), printable(&line)));
         }
     }
     if json {

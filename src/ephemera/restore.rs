@@ -18,7 +18,7 @@ use super::key::KeyInputs;
 use super::manifest::{self, Entry, ScopeIndex, Tombstone};
 use super::scope::Scope;
 use super::store::{Hashing, Scoped};
-use super::{Ctx, check_name, env, format_size, show_paths};
+use super::{Ctx, check_name, env, format_size, printable, show_paths};
 
 const ANNOTATION_CONTEXT: &str = "drvkite-ephemera";
 
@@ -230,7 +230,7 @@ async fn restore_entry(
     let targets = m
         .paths
         .iter()
-        .map(|p| anchors.target(p).map(|t| (p.clone(), t)))
+        .map(|p| anchors.target(p).map(|(t, leads)| (leads, t)))
         .collect::<Result<Vec<_>>>()
         .map_err(|e| skip(e, false))?;
     // Persist never writes these; a manifest that has them was forged.
@@ -302,10 +302,16 @@ async fn restore_entry(
     let reader = std::fs::File::open(tmp.path()).map_err(|e| skip(e.into(), false))?;
     let staged = archive::extract(std::io::BufReader::new(reader), &targets, &ctx.limits())
         .map_err(|e| {
-            skip(
-                e.context("the archive was refused; nothing was changed"),
-                true,
-            )
+            // A full disk is not the entry's fault: quarantining it would
+            // hide it from every job of its scope (the trusted seed too).
+            if e.downcast_ref::<archive::LocalFailure>().is_some() {
+                skip(e.context("nothing was changed"), false)
+            } else {
+                skip(
+                    e.context("the archive was refused; nothing was changed"),
+                    true,
+                )
+            }
         })?;
     for what in &staged.skipped {
         eprintln!("ephemera: {}: left out {what}", m.name);
@@ -315,7 +321,7 @@ async fn restore_entry(
         Status::Fallback => format!("fallback: no entry has the current key {current_key}"),
         _ => status.as_str().to_string(),
     };
-    Ok(format!(
+    Ok(printable(&format!(
         "ephemera: restored {} ({how}) scope={} key={} sha256={} size={} paths={} created by {} \
          at {} location={}",
         m.name,
@@ -327,7 +333,7 @@ async fn restore_entry(
         m.created_by.describe(),
         m.created_at,
         location
-    ))
+    )))
 }
 
 /// Tombstone a broken entry's key so later jobs of the scope skip it; only

@@ -214,6 +214,29 @@ impl World {
         http(*port, method, &path, body)
     }
 
+    /// Store an object that listings show but reads refuse (S3 only: the
+    /// GLACIER storage class, which a writer of the prefix may choose).
+    pub fn put_unreadable(&self, key: &str, bytes: &[u8]) {
+        let Raw::S3 {
+            port,
+            bucket,
+            prefix,
+        } = &self.raw
+        else {
+            panic!("only an S3 world has unreadable objects");
+        };
+        let path = format!("/{bucket}/{}", url_encode(&format!("{prefix}/{key}")));
+        let (status, body) = http_with(
+            *port,
+            "PUT",
+            &path,
+            bytes,
+            "x-amz-storage-class: GLACIER\r\n",
+        );
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        assert_ne!(self.object("GET", key, b"").0, 200, "{key} is readable");
+    }
+
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {
         match &self.raw {
             Raw::Local(dir) => std::fs::read(dir.join(key)).ok(),
@@ -330,6 +353,11 @@ fn url_decode(s: &str) -> String {
 
 /// One HTTP/1.1 request to moto on loopback: (status, body).
 fn http(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    http_with(port, method, path, body, "")
+}
+
+/// [`http`] with `headers` (`Name: value\r\n` lines) added.
+fn http_with(port: u16, method: &str, path: &str, body: &[u8], headers: &str) -> (u16, Vec<u8>) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     // moto does not check signatures, but wants to know whose request it is.
     let auth = "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, \
@@ -337,7 +365,7 @@ fn http(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: {auth}\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
+         {headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )
     .unwrap();

@@ -31,6 +31,30 @@ const TARGET_FILE: &str = "target";
 /// At most this many members left out are named; the rest are counted.
 const SKIPPED_SHOWN: usize = 20;
 
+/// Marks an error as this agent's (its checkout has a file where a target's
+/// folder goes, its disk is full or read-only), not the archive's: the
+/// entry is not broken, and must not be quarantined for it.
+#[derive(Debug)]
+pub struct LocalFailure;
+
+impl std::fmt::Display for LocalFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("this agent cannot write the files")
+    }
+}
+
+/// `e` with `what` as context, marked [`LocalFailure`] when its kind
+/// blames the disk rather than the archive.
+fn written(e: io::Error, what: String) -> anyhow::Error {
+    use io::ErrorKind::*;
+    let local = matches!(
+        e.kind(),
+        StorageFull | QuotaExceeded | ReadOnlyFilesystem | PermissionDenied
+    );
+    let e = anyhow::Error::new(e).context(what);
+    if local { e.context(LocalFailure) } else { e }
+}
+
 /// One target's staging folder, locked for as long as this process uses it
 /// so [`recover`] in another process leaves it alone.
 struct Part {
@@ -171,8 +195,12 @@ pub fn extract<R: Read>(
     };
     for (_, target) in paths {
         let parent = target.parent().context("a target has no parent folder")?;
-        staged.created.extend(create_dirs(parent)?);
-        staged.parts.push(staging_for(target)?);
+        staged
+            .created
+            .extend(create_dirs(parent).context(LocalFailure)?);
+        staged
+            .parts
+            .push(staging_for(target).context(LocalFailure)?);
     }
     let mut decoder = zstd::Decoder::new(reader).context("cannot start zstd")?;
     decoder
@@ -191,6 +219,7 @@ pub fn extract<R: Read>(
     let mut links = LinkTree::new(LINK_BUDGET);
     let mut dirs = LastDir::default();
     let (mut unpacked, mut entries, mut names, mut skipped) = (0u64, 0u64, 0u64, 0usize);
+    let mut members = 0u64;
     for entry in archive.entries().map_err(corrupt)? {
         let mut entry = entry.map_err(corrupt)?;
         let raw = entry.path_bytes().into_owned();
@@ -204,6 +233,12 @@ pub fn extract<R: Read>(
         }
         let shown = shorten(&raw);
         let (index, comps) = parse_member(&raw, paths.len())?;
+        // Every member counts, those left out below too: each costs a
+        // header's work, and a tiny blob can hold millions.
+        members += 1;
+        if members > limits.max_entries {
+            bail!("the archive has more than {} entries", limits.max_entries);
+        }
         // Persist never writes these; an archive that has them was made by
         // hand. Leave them out rather than plant credentials.
         let (saved, saved_parts) = &saved_parts[index];
@@ -224,9 +259,6 @@ pub fn extract<R: Read>(
             continue;
         }
         entries += 1;
-        if entries > limits.max_entries {
-            bail!("the archive has more than {} entries", limits.max_entries);
-        }
         let mut dest = staged.parts[index].dir.path().join("new");
         for c in &comps {
             dest.push(OsStr::from_bytes(c));
@@ -240,7 +272,7 @@ pub fn extract<R: Read>(
                 Ok(_) => bail!("entry {shown} appears twice"),
                 Err(_) => fs::create_dir_all(&dest)
                     .and_then(|()| fs::set_permissions(&dest, fs::Permissions::from_mode(0o755)))
-                    .with_context(|| format!("cannot create the folder {shown}"))?,
+                    .map_err(|e| written(e, format!("cannot create the folder {shown}")))?,
             },
             EntryType::Regular => {
                 unpacked += entry.size();
@@ -259,7 +291,7 @@ pub fn extract<R: Read>(
                     }
                     Err(e) => match verdict.borrow().as_ref() {
                         Some(why) => bail!("{why}"),
-                        None => return Err(e).with_context(|| format!("cannot extract {shown}")),
+                        None => return Err(written(e, format!("cannot extract {shown}"))),
                     },
                 }
             }
@@ -301,7 +333,7 @@ pub fn extract<R: Read>(
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => bail!(
                 "a file or folder lies below a symbolic link {shown}, or has its name: refused"
             ),
-            other => other.with_context(|| format!("cannot create the link {shown}"))?,
+            other => other.map_err(|e| written(e, format!("cannot create the link {shown}")))?,
         }
     }
     // Only now: a link clashing with a file or folder says so above.
@@ -325,7 +357,8 @@ pub fn extract<R: Read>(
 
 fn make_parent(dest: &Path) -> Result<()> {
     let parent = dest.parent().expect("below the staging folder");
-    fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))
+    fs::create_dir_all(parent)
+        .map_err(|e| written(e, format!("cannot create {}", parent.display())))
 }
 
 /// The folder the last file was written to, kept open: archives list a
@@ -437,6 +470,33 @@ impl Staged {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ephemera::anchor::Anchor;
+
+    #[test]
+    fn members_left_out_count_towards_the_entry_cap() {
+        let mut b = tar::Builder::new(Vec::new());
+        for _ in 0..11 {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(EntryType::Regular);
+            h.set_size(0);
+            h.set_mode(0o644);
+            b.append_data(&mut h, "0/.netrc", io::empty()).unwrap();
+        }
+        let blob = zstd::encode_all(&b.into_inner().unwrap()[..], 3).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let saved = SavedPath {
+            anchor: Anchor::Workspace,
+            path: "t".into(),
+        };
+        let limits = Limits {
+            max_unpacked: 1 << 20,
+            max_entries: 10,
+        };
+        let err = extract(&blob[..], &[(saved, dir.path().join("t"))], &limits)
+            .err()
+            .expect("more members than the cap");
+        assert!(err.to_string().contains("more than 10 entries"), "{err:#}");
+    }
 
     #[test]
     fn an_interrupted_swap_is_completed_by_the_next_run() {

@@ -23,7 +23,7 @@ use anyhow::{Result, bail};
 use super::anchor::SavedPath;
 
 pub use create::create;
-pub use extract::{Staged, extract, recover};
+pub use extract::{LocalFailure, Staged, extract, recover};
 
 /// Caps checked while archiving and while extracting.
 #[derive(Debug, Clone, Copy)]

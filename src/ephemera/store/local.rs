@@ -32,9 +32,12 @@ impl LocalStore {
                     root.display()
                 )
             })?;
-        Ok(LocalStore {
-            root: root.to_path_buf(),
-        })
+        // Absolute, so that a relative `--store` (taken from the working
+        // directory) is still recognised as the store by the places no job
+        // persists or restores over.
+        let root = std::path::absolute(root)
+            .with_context(|| format!("cannot resolve the ephemera store {}", root.display()))?;
+        Ok(LocalStore { root })
     }
 
     pub fn root(&self) -> &Path {
