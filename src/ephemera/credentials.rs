@@ -107,14 +107,14 @@ const STORES: &[(&str, &[&str], Kind)] = &[
     ("Buildkite agent", &["buildkite-agent.cfg"], File),
 ];
 
-/// The rows of [`STORES`] by their first component, so a path is checked
-/// in one pass over its components, however deep it is.
-fn by_first() -> &'static HashMap<&'static str, Vec<usize>> {
-    static MAP: OnceLock<HashMap<&'static str, Vec<usize>>> = OnceLock::new();
+/// The rows of [`STORES`] by their first component in lower case, so a
+/// path is checked in one pass over its components, however deep it is.
+fn by_first() -> &'static HashMap<String, Vec<usize>> {
+    static MAP: OnceLock<HashMap<String, Vec<usize>>> = OnceLock::new();
     MAP.get_or_init(|| {
-        let mut map: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut map: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, (_, seq, _)) in STORES.iter().enumerate() {
-            map.entry(seq[0]).or_default().push(i);
+            map.entry(seq[0].to_ascii_lowercase()).or_default().push(i);
         }
         map
     })
@@ -127,11 +127,18 @@ pub fn credential_store(rel: &str) -> Option<&'static str> {
     credential_store_in(&parts)
 }
 
-/// [`credential_store`] of a path given as its components.
+/// [`credential_store`] of a path given as its components. Names are
+/// compared without regard to ASCII case: on a case-insensitive file
+/// system (macOS's default) `~/.SSH` is `~/.ssh`.
 pub fn credential_store_in(parts: &[&str]) -> Option<&'static str> {
     let rows = by_first();
     for (i, part) in parts.iter().enumerate() {
-        let Some(candidates) = rows.get(part) else {
+        let found = if part.bytes().any(|b| b.is_ascii_uppercase()) {
+            rows.get(&part.to_ascii_lowercase())
+        } else {
+            rows.get(*part)
+        };
+        let Some(candidates) = found else {
             continue;
         };
         for &row in candidates {
@@ -140,7 +147,13 @@ pub fn credential_store_in(parts: &[&str]) -> Option<&'static str> {
                 Folder => parts.len() >= i + seq.len(),
                 File => parts.len() == i + seq.len(),
             };
-            if fits && parts[i..i + seq.len()] == *seq {
+            let same = || {
+                parts[i..i + seq.len()]
+                    .iter()
+                    .zip(seq.iter())
+                    .all(|(a, b)| a.eq_ignore_ascii_case(b))
+            };
+            if fits && same() {
                 return Some(tool);
             }
         }
@@ -164,7 +177,10 @@ pub fn whole_config_folder(rel: &str, extra: &[String]) -> Option<String> {
         .iter()
         .copied()
         .chain(extra.iter().map(String::as_str))
-        .find(|folder| *folder == rel || folder.starts_with(&format!("{rel}/")))
+        .find(|folder| {
+            let (folder, rel) = (folder.to_ascii_lowercase(), rel.to_ascii_lowercase());
+            folder == rel || folder.starts_with(&format!("{rel}/"))
+        })
         .map(str::to_string)
 }
 
@@ -194,6 +210,9 @@ mod tests {
             (".docker/config.json", "Docker"),
             ("x/.netrc", "netrc"),
             (".cargo/credentials.toml", "Cargo"),
+            // Case-insensitive file systems: the same files.
+            (".SSH/authorized_keys", "SSH"),
+            ("x/.Docker/Config.json", "Docker"),
         ] {
             assert_eq!(credential_store(path), Some(tool), "{path}");
         }
@@ -213,6 +232,7 @@ mod tests {
     fn whole_config_folders_need_opting_in() {
         let found = |rel: &str, extra: &[String]| whole_config_folder(rel, extra);
         assert_eq!(found(".config", &[]).as_deref(), Some(".config"));
+        assert_eq!(found(".Config", &[]).as_deref(), Some(".config"));
         assert_eq!(found(".local", &[]).as_deref(), Some(".local/share"));
         assert_eq!(found(".local/share", &[]).as_deref(), Some(".local/share"));
         assert_eq!(found(".config/nvim", &[]), None);

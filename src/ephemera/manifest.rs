@@ -209,7 +209,7 @@ pub const MAX_MANIFEST: u64 = 64 << 10;
 /// Most paths, rules or key files a manifest may list: parsed, each short
 /// name costs far more memory than its bytes in the file, so a manifest of
 /// many tiny names would multiply what a listing of the store takes.
-pub const MAX_LISTED: usize = 64;
+pub const MAX_LISTED: usize = 256;
 
 /// Why a manifest lists too much, if it does (persist refuses to write
 /// such a manifest; a listing skips it).

@@ -117,21 +117,10 @@ pub(crate) fn show_paths(m: &Manifest) -> String {
         .join(",")
 }
 
-/// `s` with control characters escaped (`\n`, `\u{1b}`…). Manifests say
-/// what a pull request chose, and lines built from them go to build logs
-/// (a default-branch `list` included), where a newline or an escape
-/// sequence would forge lines, sections or links.
-pub(crate) fn printable(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
+/// Manifests say what a pull request chose, and lines built from them go
+/// to build logs (a default-branch `list` included): they are printed
+/// with control characters escaped, as names are in the pipeline's logs.
+pub(crate) use crate::pipeline::text::printable;
 
 pub(crate) fn age(now: SystemTime, then: SystemTime) -> Duration {
     now.duration_since(then).unwrap_or_default()

@@ -78,6 +78,7 @@ fn entry_line(e: &Entry) -> String {
         humantime::format_rfc3339_seconds(e.last_used),
         if e.tombstoned { "  (invalidated)" } else { "" }
     ))
+    .into_owned()
 }
 
 pub(super) async fn list(ctx: &Ctx, json: bool) -> Result<ExitCode> {
@@ -131,7 +132,7 @@ pub(super) async fn list(ctx: &Ctx, json: bool) -> Result<ExitCode> {
                 }
                 Err(e) => format!("unknown ({e:#})"),
             };
-            statuses.push((name.to_string(), printable(&line)));
+            statuses.push((name.to_string(), printable(&line).into_owned()));
         }
     }
     if json {

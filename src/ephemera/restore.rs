@@ -333,7 +333,8 @@ async fn restore_entry(
         m.created_by.describe(),
         m.created_at,
         location
-    )))
+    ))
+    .into_owned())
 }
 
 /// Tombstone a broken entry's key so later jobs of the scope skip it; only
