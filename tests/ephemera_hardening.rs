@@ -17,16 +17,6 @@ use tar::EntryType;
 
 const SEED: [(&str, &str); 1] = [("DRVKITE_EPHEMERA_SEED", "1")];
 
-fn keys_under(world: &World, prefix: &str) -> Vec<String> {
-    let mut keys: Vec<String> = world
-        .keys()
-        .into_iter()
-        .filter(|k| k.starts_with(prefix))
-        .collect();
-    keys.sort();
-    keys
-}
-
 fn manifest_in(world: &World, scope: &str) -> String {
     world
         .manifests()
@@ -58,8 +48,8 @@ fn forged_manifests_naming_other_scopes_are_refused(world: &World) {
     persist_target(&world.job(Build::Pr(6), &[]), "pr 6 secret");
     let trusted = manifest_in(world, "acme/depot/trusted");
     let pr6 = manifest_in(world, "acme/depot/pr/6");
-    let trusted_before = keys_under(world, "acme/depot/trusted/");
-    let pr6_before = keys_under(world, "acme/depot/pr/6/");
+    let trusted_before = world.keys_under("acme/depot/trusted/");
+    let pr6_before = world.keys_under("acme/depot/pr/6/");
 
     // Another pull request's files, through a manifest in pr/5 naming pr/6.
     forge(world, &pr6, "acme/depot/pr/5", None);
@@ -79,7 +69,7 @@ fn forged_manifests_naming_other_scopes_are_refused(world: &World) {
     let out = pr5.run(&["restore", "cargo", "--key-file", "Cargo.lock"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!stderr(&out).contains("invalidated"), "{}", stderr(&out));
-    assert_eq!(keys_under(world, "acme/depot/trusted/"), trusted_before);
+    assert_eq!(world.keys_under("acme/depot/trusted/"), trusted_before);
     assert_eq!(
         restore_target(&world.job(Build::Pr(7), &SEED)).unwrap(),
         "seed"
@@ -97,8 +87,8 @@ fn forged_manifests_naming_other_scopes_are_refused(world: &World) {
         let out = job.run(&["persist", "big", "big"]);
         assert!(out.status.success(), "persist {i}: {}", stderr(&out));
     }
-    assert_eq!(keys_under(world, "acme/depot/trusted/"), trusted_before);
-    assert_eq!(keys_under(world, "acme/depot/pr/6/"), pr6_before);
+    assert_eq!(world.keys_under("acme/depot/trusted/"), trusted_before);
+    assert_eq!(world.keys_under("acme/depot/pr/6/"), pr6_before);
     let gc = pr5.run(&["gc"]);
     assert!(gc.status.success(), "{}", stderr(&gc));
     assert!(stderr(&gc).contains("skipping"), "{}", stderr(&gc));
@@ -107,8 +97,8 @@ fn forged_manifests_naming_other_scopes_are_refused(world: &World) {
         "{}",
         stderr(&gc)
     );
-    assert_eq!(keys_under(world, "acme/depot/trusted/"), trusted_before);
-    assert_eq!(keys_under(world, "acme/depot/pr/6/"), pr6_before);
+    assert_eq!(world.keys_under("acme/depot/trusted/"), trusted_before);
+    assert_eq!(world.keys_under("acme/depot/pr/6/"), pr6_before);
     assert_eq!(
         restore_target(&world.job(Build::Pr(7), &SEED)).unwrap(),
         "seed"

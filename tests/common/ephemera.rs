@@ -162,6 +162,17 @@ impl World {
         Job { ws, home, vars }
     }
 
+    /// The store's keys under `prefix`, sorted.
+    pub fn keys_under(&self, prefix: &str) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .keys()
+            .into_iter()
+            .filter(|k| k.starts_with(prefix))
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// Every object's key, relative to the store's root.
     pub fn keys(&self) -> Vec<String> {
         match &self.raw {
