@@ -17,14 +17,6 @@ use tar::EntryType;
 
 const SEED: [(&str, &str); 1] = [("DRVKITE_EPHEMERA_SEED", "1")];
 
-fn manifest_in(world: &World, scope: &str) -> String {
-    world
-        .manifests()
-        .into_iter()
-        .find(|m| m.starts_with(&format!("{scope}/")))
-        .unwrap_or_else(|| panic!("no manifest in {scope}"))
-}
-
 /// Copy the manifest at `from` unchanged into `scope`, at the place its own
 /// name, key and id give (with `id` instead if given): its `scope` field
 /// then names where it came from, not where it lies.
@@ -46,8 +38,8 @@ fn forge(world: &World, from: &str, scope: &str, id: Option<&str>) -> String {
 fn forged_manifests_naming_other_scopes_are_refused(world: &World) {
     persist_target(&world.job(Build::Main, &SEED), "seed");
     persist_target(&world.job(Build::Pr(6), &[]), "pr 6 secret");
-    let trusted = manifest_in(world, "acme/depot/trusted");
-    let pr6 = manifest_in(world, "acme/depot/pr/6");
+    let trusted = world.manifest_in("acme/depot/trusted");
+    let pr6 = world.manifest_in("acme/depot/pr/6");
     let trusted_before = world.keys_under("acme/depot/trusted/");
     let pr6_before = world.keys_under("acme/depot/pr/6/");
 
@@ -388,7 +380,7 @@ fn deep(members: usize, depth: usize) -> Vec<u8> {
 
 fn hostile_archives_restore_in_bounded_memory(world: &World) {
     persist_target(&world.job(Build::Pr(5), &[]), "good");
-    let template = manifest_in(world, "acme/depot/pr/5");
+    let template = world.manifest_in("acme/depot/pr/5");
     let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
         (
             "a pax header declaring 1 GiB",
@@ -467,7 +459,7 @@ fn concurrent_jobs_in_one_scope(world: &World) {
     let restored = std::sync::atomic::AtomicUsize::new(0);
     let first = persist_generation(world, &[], "first", 0);
     assert!(first.status.success(), "{}", stderr(&first));
-    let template = manifest_in(world, "acme/depot/pr/5");
+    let template = world.manifest_in("acme/depot/pr/5");
     let count = if world.is_local() { 1000 } else { 50 };
     std::thread::scope(|s| {
         for part in 0..2 {
@@ -630,7 +622,7 @@ fn tags_are_never_the_default_branch(world: &World) {
 
 fn overstated_sizes_are_refused(world: &World) {
     persist_target(&world.job(Build::Pr(5), &[]), "good");
-    let template = manifest_in(world, "acme/depot/pr/5");
+    let template = world.manifest_in("acme/depot/pr/5");
     let mut planted = Evil::new();
     planted.entry("0/out.txt", EntryType::Regular, None, b"planted");
     world.plant(
@@ -722,7 +714,7 @@ fn a_relative_store_is_never_persisted_or_restored_over() {
         extra: vec![],
         raw: Raw::Local(store.clone()),
     };
-    let template = manifest_in(&raw, "acme/depot/pr/5");
+    let template = raw.manifest_in("acme/depot/pr/5");
     let mut b = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(EntryType::Directory);

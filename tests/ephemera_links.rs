@@ -9,14 +9,6 @@ use common::ephemera::scenarios;
 use common::ephemera::*;
 use tar::EntryType;
 
-fn manifest_in(world: &World, scope: &str) -> String {
-    world
-        .manifests()
-        .into_iter()
-        .find(|m| m.starts_with(&format!("{scope}/")))
-        .unwrap_or_else(|| panic!("no manifest in {scope}"))
-}
-
 /// One regular file as member 0 (a persisted path that is a file).
 fn file_archive(content: &[u8]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
@@ -33,7 +25,7 @@ fn file_archive(content: &[u8]) -> Vec<u8> {
 /// and another `~/.cargo/credentials.toml` through `~/.cargo -> ~/.ssh`.
 fn credential_stores_are_judged_where_links_lead(world: &World) {
     persist_target(&world.job(Build::Pr(5), &[]), "pr");
-    let template = manifest_in(world, "acme/depot/pr/5");
+    let template = world.manifest_in("acme/depot/pr/5");
     let mut job = world.job(Build::Pr(5), &[]);
     job.ws = job.home.join("builds/depot");
     std::fs::create_dir_all(&job.ws).unwrap();

@@ -13,21 +13,13 @@ use common::ephemera::scenarios;
 use common::ephemera::*;
 use common::fails;
 
-fn manifest_in(world: &World, scope: &str) -> String {
-    world
-        .manifests()
-        .into_iter()
-        .find(|m| m.starts_with(&format!("{scope}/")))
-        .unwrap_or_else(|| panic!("no manifest in {scope}"))
-}
-
 /// A last-use mark lies in a scope: one a pull request writes under its
 /// own prefix, named like another scope's entry, must not stand for that
 /// entry's use (on S3, `pr/…` lists after `branch/…`, so it used to win).
 fn use_marks_of_one_scope_say_nothing_of_another(world: &World) {
     let branch = [("BUILDKITE_BRANCH", "feature-x")];
     persist_target(&world.job(Build::Main, &branch), "branch's own");
-    let victim = manifest_in(world, "acme/depot/branch/feature-x");
+    let victim = world.manifest_in("acme/depot/branch/feature-x");
     let m = world.manifest(&victim);
     let (name, key, id) = (
         m["name"].as_str().unwrap(),
@@ -56,7 +48,7 @@ fn use_marks_of_one_scope_say_nothing_of_another(world: &World) {
 fn bloated_manifests_are_skipped_by_listings(world: &World) {
     let pr = world.job(Build::Pr(5), &[]);
     persist_target(&pr, "pr");
-    let template = manifest_in(world, "acme/depot/pr/5");
+    let template = world.manifest_in("acme/depot/pr/5");
     let mut m = world.manifest(&template);
     m["rules"] = vec!["a"; 260_000].into();
     let bytes = serde_json::to_vec(&m).unwrap();
@@ -101,7 +93,7 @@ fn bloated_manifests_are_skipped_by_listings(world: &World) {
 /// escaped, so they cannot forge lines, sections or links in its log.
 fn manifest_text_cannot_forge_log_lines(world: &World) {
     persist_target(&world.job(Build::Pr(5), &[]), "pr");
-    let template = manifest_in(world, "acme/depot/pr/5");
+    let template = world.manifest_in("acme/depot/pr/5");
     let forged = "x\n\u{1b}[2K--- ephemera: restored cargo (exact) scope=acme/depot/trusted\n\
                   \u{1b}]1339;url=https://evil.example\u{7}";
     let blob = zstd::encode_all(&tar::Builder::new(Vec::new()).into_inner().unwrap()[..], 3);
@@ -137,7 +129,7 @@ fn many_tombstones_cost_gc_linear_time() {
     let world = World::local();
     let pr = world.job(Build::Pr(5), &[]);
     persist_target(&pr, "pr");
-    let template = manifest_in(&world, "acme/depot/pr/5");
+    let template = world.manifest_in("acme/depot/pr/5");
     let mut m = world.manifest(&template);
     let key = m["key"].as_str().unwrap().to_string();
     let n = 8000;
@@ -180,7 +172,7 @@ fn an_unreadable_object_does_not_stop_gc_or_list() {
     let world = World::s3(&moto, "unreadable");
     persist_target(&world.job(Build::Pr(5), &[]), "pr 5");
     persist_target(&world.job(Build::Pr(6), &[]), "pr 6");
-    let template = manifest_in(&world, "acme/depot/pr/5");
+    let template = world.manifest_in("acme/depot/pr/5");
     let key = world.manifest(&template)["key"]
         .as_str()
         .unwrap()

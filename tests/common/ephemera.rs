@@ -213,32 +213,30 @@ impl World {
 
     /// One request for object `key` of an S3 world: (status, body).
     fn object(&self, method: &str, key: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        let (port, path) = self.s3_object(key);
+        http(port, method, &path, body)
+    }
+
+    /// The S3 server's port and the request path of object `key`.
+    fn s3_object(&self, key: &str) -> (u16, String) {
         let Raw::S3 {
             port,
             bucket,
             prefix,
         } = &self.raw
         else {
-            unreachable!("a local world has no objects to ask for");
+            panic!("only an S3 world has objects to ask for");
         };
         let path = format!("/{bucket}/{}", url_encode(&format!("{prefix}/{key}")));
-        http(*port, method, &path, body)
+        (*port, path)
     }
 
     /// Store an object that listings show but reads refuse (S3 only: the
     /// GLACIER storage class, which a writer of the prefix may choose).
     pub fn put_unreadable(&self, key: &str, bytes: &[u8]) {
-        let Raw::S3 {
-            port,
-            bucket,
-            prefix,
-        } = &self.raw
-        else {
-            panic!("only an S3 world has unreadable objects");
-        };
-        let path = format!("/{bucket}/{}", url_encode(&format!("{prefix}/{key}")));
+        let (port, path) = self.s3_object(key);
         let (status, body) = http_with(
-            *port,
+            port,
             "PUT",
             &path,
             bytes,
@@ -291,6 +289,14 @@ impl World {
             .into_iter()
             .filter(|p| p.contains("/entries/") && p.ends_with(".json"))
             .collect()
+    }
+
+    /// The key of a manifest in `scope` (the first one listed).
+    pub fn manifest_in(&self, scope: &str) -> String {
+        self.manifests()
+            .into_iter()
+            .find(|m| m.starts_with(&format!("{scope}/")))
+            .unwrap_or_else(|| panic!("no manifest in {scope}"))
     }
 
     pub fn manifest(&self, key: &str) -> serde_json::Value {

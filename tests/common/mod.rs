@@ -201,6 +201,19 @@ pub fn run_pipeline(depot: &Depot, extra_args: &[&str]) -> (PathBuf, Output) {
     (out, res)
 }
 
+/// `drvkite pipeline` on a depot with broken targets: it must exit with
+/// status 3 (steps written, some targets broken).
+pub fn pipeline_with_broken(depot: &Depot, extra_args: &[&str]) -> (PathBuf, Output) {
+    let (out, res) = run_pipeline(depot, extra_args);
+    assert_eq!(
+        res.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    (out, res)
+}
+
 /// `drvkite pipeline` on a depot; returns the output folder.
 pub fn pipeline(depot: &Depot, extra_args: &[&str]) -> PathBuf {
     let out = depot.out("pipeline");
